@@ -1,0 +1,46 @@
+"""Exceptions raised by fedcrm.
+
+Hierarchy::
+
+    FedCrmError
+    ├── DataError              a branch export or data set is unusable
+    │   └── SchemaViolation    one or more schema problems (all listed at once)
+    ├── ConfigError            an experiment or app configuration is invalid
+    ├── DataPackageMissing     a package that ships a real data set is not installed
+    └── InconsistentReplies    branch replies cannot be aggregated together
+"""
+
+from collections.abc import Sequence
+
+
+class FedCrmError(Exception):
+    """Base class of every error fedcrm raises on purpose."""
+
+
+class DataError(FedCrmError):
+    """A branch export or data set cannot be used as it is."""
+
+
+class SchemaViolation(DataError):
+    """A table does not satisfy its declared schema.
+
+    Args:
+        problems: Every problem found, each saying what is wrong and how to fix it.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} schema problem(s):\n{lines}")
+
+
+class ConfigError(FedCrmError):
+    """An experiment or application configuration is invalid."""
+
+
+class DataPackageMissing(FedCrmError):
+    """The package that ships a real data set is not installed."""
+
+
+class InconsistentReplies(FedCrmError):
+    """Branch replies disagree in shape or content and cannot be aggregated."""
