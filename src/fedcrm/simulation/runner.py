@@ -1,0 +1,295 @@
+"""Run one experiment on Flower's simulation engine and write its run directory.
+
+The researcher's process holds the pooled data only to cut it into branch exports and to train
+the centralised baselines on the same split; the federated model itself is trained by the same
+ServerApp and ClientApp that a deployment runs, on Flower's simulation engine (Ray backend).
+
+Run directory layout::
+
+    runs/<time>-<name>/
+      config.toml          resolved experiment configuration
+      branches/NNN/        one folder per virtual branch: export.parquet (pseudonymised),
+                           hmac.key (0600), branch.json (name, rows, churn share)
+      metrics.jsonl        one line per round (federated evaluation, pooled over branches)
+      model.safetensors    final global model
+      summary.json         final federated and centralised metrics (machine-readable)
+      report.md, auc_per_round.png
+      flower.log           Flower's own log of the run
+"""
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomli_w
+from flwr.simulation import run_simulation
+from safetensors.torch import save_file
+
+from fedcrm.client.app import branch_dir, make_client_app
+from fedcrm.client.branch import BranchData, write_export
+from fedcrm.data.check import coerce_frame
+from fedcrm.data.loaders import load_dataset
+from fedcrm.data.partition import partition_indices
+from fedcrm.data.preprocess import Scaler, combine_moments, encode, local_moments
+from fedcrm.data.pseudonymise import load_or_create_key, pseudonymise_series
+from fedcrm.data.schema import ChurnSchema, get_schema
+from fedcrm.data.split import Split
+from fedcrm.data.synthetic import synthetic_export
+from fedcrm.exceptions import FedCrmError
+from fedcrm.models.churn import TrainSettings, build_model, predict_proba
+from fedcrm.models.metrics import exact_metrics
+from fedcrm.server.app import make_server_app
+from fedcrm.server.federation import FederationResult, RoundRecord
+from fedcrm.simulation.baselines import PooledData, run_baselines
+from fedcrm.simulation.config import SYNTHETIC_PREFIX, ExperimentConfig, to_toml_dict
+from fedcrm.simulation.report import write_report
+
+logger = logging.getLogger(__name__)
+
+PhaseCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """A virtual branch as the researcher sees it (no customer ids)."""
+
+    partition_id: int
+    name: str
+    rows: int
+    churn_share: float
+
+
+def load_pooled(cfg: ExperimentConfig) -> tuple[ChurnSchema, pd.DataFrame]:
+    """The pooled data set named by the experiment (real or synthetic), coerced to its schema."""
+    if cfg.dataset.startswith(SYNTHETIC_PREFIX):
+        schema = get_schema(cfg.schema_name)
+        return schema, coerce_frame(synthetic_export(schema, cfg.rows, seed=cfg.seed), schema)
+    return load_dataset(cfg.dataset)
+
+
+def write_branches(cfg: ExperimentConfig, run_dir: Path) -> tuple[ChurnSchema, list[BranchInfo]]:
+    """Partition the pooled data and write one pseudonymised export per branch."""
+    schema, pooled = load_pooled(cfg)
+    p = cfg.partition
+    parts = partition_indices(
+        pooled,
+        kind=p.kind,
+        num_branches=p.num_branches,
+        column=p.column,
+        label=schema.label,
+        alpha=p.alpha,
+        min_branch_size=p.min_branch_size,
+        seed=cfg.seed,
+    )
+    infos = []
+    for pid, part in enumerate(parts):
+        folder = branch_dir(run_dir / "branches", pid)
+        frame = pooled.iloc[part.indices].reset_index(drop=True)
+        key = load_or_create_key(folder / "hmac.key")
+        frame[schema.id_column] = pseudonymise_series(frame[schema.id_column], key)
+        write_export(frame, schema, folder / "export.parquet")
+        info = BranchInfo(pid, part.branch, len(frame), float(frame[schema.label].mean()))
+        (folder / "branch.json").write_text(json.dumps(info.__dict__, indent=2))
+        infos.append(info)
+    return schema, infos
+
+
+def pooled_splits(
+    run_dir: Path, schema: ChurnSchema, branches: list[BranchInfo], seed: int
+) -> tuple[list[Split], Scaler]:
+    """Every branch's split, read back exactly as its ClientApp reads it, and the shared scaler."""
+    splits = [
+        BranchData(branch_dir(run_dir / "branches", b.partition_id) / "export.parquet").load(
+            schema, seed=seed
+        )
+        for b in branches
+    ]
+    scaler = Scaler.from_moments(combine_moments(local_moments(s.train, schema) for s in splits))
+    return splits, scaler
+
+
+def _pool(splits: list[Split], schema: ChurnSchema, scaler: Scaler) -> PooledData:
+    def enc(frames: list[pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
+        return encode(pd.concat(frames, ignore_index=True), schema, scaler)
+
+    x_tr, y_tr = enc([s.train for s in splits])
+    x_va, y_va = enc([s.val for s in splits])
+    x_te, y_te = enc([s.test for s in splits])
+    return PooledData(x_tr, y_tr, x_va, y_va, x_te, y_te)
+
+
+def _backend_config(cfg: ExperimentConfig, ray_dir: Path) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": cfg.cpus_per_branch, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "_temp_dir": str(ray_dir),
+        },
+    }
+
+
+class _FlowerLogToFile:
+    """Send Flower's console log to a file for the duration of a run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.logger = logging.getLogger("flwr")
+        self.removed: list[logging.Handler] = []
+        self.propagate = True
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> None:
+        self.removed = [h for h in self.logger.handlers if isinstance(h, logging.StreamHandler)]
+        for h in self.removed:
+            self.logger.removeHandler(h)
+        self.logger.addHandler(self.handler)
+        self.propagate, self.logger.propagate = self.logger.propagate, False
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate = self.propagate
+        self.handler.close()
+        for h in self.removed:
+            self.logger.addHandler(h)
+
+
+def simulate(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    num_branches: int,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> FederationResult:
+    """Run the federated training on Flower's simulation engine with one node per branch.
+
+    Ray keeps its temporary files in ``<run_dir>/ray`` (a short path is needed: Ray's
+    socket paths must stay under 108 bytes) and binds only to 127.0.0.1
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by `fedcrm._env`).
+    """
+    results: list[FederationResult] = []
+    server_app = make_server_app(
+        cfg.federation, min_nodes=num_branches, on_round=on_round, results=results
+    )
+    client_app = make_client_app(run_dir / "branches")
+    with _FlowerLogToFile(run_dir / "flower.log"):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_branches,
+            backend_config=_backend_config(cfg, ray_temp_dir(run_dir)),
+        )
+    if not results:
+        raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
+    return results[0]
+
+
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temporary folder for this run (inside the run directory)."""
+    path = run_dir.resolve() / "ray"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_run_dir(runs_root: Path, name: str) -> Path:
+    """Create ``runs_root/<UTC time>-<name>`` (unique)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = runs_root / f"{stamp}-{name}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = runs_root / f"{stamp}-{name}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    runs_root: Path = Path("runs"),
+    on_round: Callable[[RoundRecord], None] | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> Path:
+    """Run one experiment end to end and return its run directory."""
+    phase = on_phase or (lambda _msg: None)
+    run_dir = new_run_dir(runs_root, cfg.name)
+    (run_dir / "config.toml").write_text(tomli_w.dumps(to_toml_dict(cfg)), encoding="utf-8")
+
+    phase("writing branch exports")
+    schema, branches = write_branches(cfg, run_dir)
+    splits, scaler = pooled_splits(run_dir, schema, branches, cfg.federation.seed)
+    pooled = _pool(splits, schema, scaler)
+
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def record_round(record: RoundRecord) -> None:
+        with metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record.__dict__, default=float) + "\n")
+        if on_round is not None:
+            on_round(record)
+
+    phase(f"federated training: {len(branches)} branches, {cfg.federation.num_rounds} rounds")
+    t0 = time.perf_counter()
+    result = simulate(cfg, run_dir, len(branches), record_round)
+    fed_seconds = time.perf_counter() - t0
+    save_file(result.state_dict, str(run_dir / "model.safetensors"))
+
+    model = build_model(schema.input_dim, seed=0)
+    model.load_state_dict(result.state_dict)
+    federated = exact_metrics(
+        pooled.y_val,
+        predict_proba(model, pooled.x_val),
+        pooled.y_test,
+        predict_proba(model, pooled.x_test),
+    )
+
+    centralised = {}
+    if cfg.baselines.enabled:
+        phase("centralised baselines on the same split")
+        f = cfg.federation
+        settings = TrainSettings(
+            epochs=cfg.baselines.torch_epochs,
+            batch_size=f.batch_size,
+            lr=f.lr,
+            weight_decay=f.weight_decay,
+        )
+        centralised = {
+            k: v.as_dict() for k, v in run_baselines(pooled, settings, seed=f.seed).items()
+        }
+
+    summary = {
+        "name": cfg.name,
+        "dataset": cfg.dataset,
+        "run_dir": str(run_dir),
+        "branches": [b.__dict__ for b in branches],
+        "rows": {
+            "train": len(pooled.y_train),
+            "val": len(pooled.y_val),
+            "test": len(pooled.y_test),
+        },
+        "federated": {
+            **federated.as_dict(),
+            "strategy": str(cfg.federation.strategy),
+            "rounds": cfg.federation.num_rounds,
+            "best_round": result.best_round,
+            "model_selection": "round with the best pooled validation ROC-AUC",
+            "seconds": fed_seconds,
+            "evaluated_on": "pooled test rows of every branch (exact)",
+            "last_round": result.rounds[-1].evaluate if result.rounds else {},
+            "rejected_updates": [r.__dict__ for r in result.rejections],
+        },
+        "centralised": centralised,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_report(run_dir, summary, [r.evaluate for r in result.rounds])
+    phase(f"report written to {run_dir / 'report.md'}")
+    return run_dir
