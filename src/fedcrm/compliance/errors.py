@@ -1,0 +1,118 @@
+"""Exceptions raised by :mod:`fedcrm.compliance`.
+
+Every class derives from :class:`fedcrm.exceptions.FedCrmError`, so callers can catch the
+project's errors in one place.
+
+Hierarchy::
+
+    FedCrmError
+    └── ComplianceError            base of every compliance-store error
+        ├── StoreError             the store cannot be opened or migrated
+        ├── LedgerError            a privacy-ledger entry is refused
+        │   └── CumulativeEpsilonDecrease
+        │                          an entry would lower a cumulative ε
+        └── AuditError             base of the audit-log errors
+            ├── ProofError         a Merkle proof does not verify (RFC 9162 §2.1.3-2.1.4)
+            ├── SignatureError     a checkpoint signature is invalid or the key is untrusted
+            ├── KeyFileError       a signing-key file is missing, malformed or too permissive
+            ├── BodyUnavailable    an event body cannot be decrypted (its key was shredded)
+            ├── SubjectShredded    an event was appended for a subject whose key is destroyed
+            ├── AuditIntegrityError the stored log no longer matches its signed checkpoints
+            ├── ExportFormatError  an exported log file is malformed
+            └── AuditVerificationError
+                                   an offline verification found problems (``strict=True``)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedcrm.exceptions import FedCrmError
+
+if TYPE_CHECKING:
+    from fedcrm.compliance.audit._verify import VerificationReport
+
+
+class ComplianceError(FedCrmError):
+    """Base class of the compliance store's errors."""
+
+
+class StoreError(ComplianceError):
+    """The compliance store cannot be opened, connected to or migrated."""
+
+
+class LedgerError(ComplianceError):
+    """A privacy-ledger entry is invalid or breaks a ledger invariant."""
+
+
+class CumulativeEpsilonDecrease(LedgerError):
+    """An entry would lower the cumulative ε of its (branch, model, purpose).
+
+    Args:
+        branch: Branch of the refused entry.
+        model: Model of the refused entry.
+        purpose: Processing purpose of the refused entry.
+        current: Cumulative ε already recorded.
+        proposed: Cumulative ε the refused entry carried.
+    """
+
+    def __init__(
+        self, *, branch: str, model: str, purpose: str, current: float, proposed: float
+    ) -> None:
+        self.branch = branch
+        self.model = model
+        self.purpose = purpose
+        self.current = current
+        self.proposed = proposed
+        super().__init__(
+            f"refused: cumulative ε for branch={branch!r}, model={model!r}, "
+            f"purpose={purpose!r} is already {current!r}; an entry with cumulative ε "
+            f"{proposed!r} would lower it (privacy loss never decreases)"
+        )
+
+
+class AuditError(ComplianceError):
+    """Base class of the audit log's errors."""
+
+
+class ProofError(AuditError):
+    """A Merkle inclusion or consistency proof does not verify."""
+
+
+class SignatureError(AuditError):
+    """A checkpoint signature is invalid, or was made by an untrusted key."""
+
+
+class KeyFileError(AuditError):
+    """A signing-key file is missing, malformed or readable by other users."""
+
+
+class BodyUnavailable(AuditError):
+    """An event body cannot be decrypted: its key was shredded or the ciphertext altered."""
+
+
+class SubjectShredded(AuditError):
+    """An event names a subject whose body key was destroyed (crypto-shredded)."""
+
+
+class AuditIntegrityError(AuditError):
+    """The stored log does not match its own leaf hashes or signed checkpoints."""
+
+
+class ExportFormatError(AuditError):
+    """An exported audit-log file is malformed or of an unknown version."""
+
+
+class AuditVerificationError(AuditError):
+    """An offline verification found at least one problem.
+
+    Args:
+        report: The full report; ``report.issues`` lists every problem found.
+    """
+
+    def __init__(self, report: VerificationReport) -> None:
+        self.report = report
+        lines = "\n".join(f"  - {issue}" for issue in report.issues)
+        super().__init__(
+            f"audit log verification failed, {len(report.issues)} problem(s):\n{lines}"
+        )
