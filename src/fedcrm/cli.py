@@ -15,7 +15,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedcrm.compliance.audit.cli import app as audit_app
 from fedcrm.exceptions import FedCrmError
+from fedcrm.privacy.keys import app as keys_app
 
 app = typer.Typer(
     name="fedcrm",
@@ -25,6 +27,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check and generate branch CRM exports.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(audit_app, name="audit", help="Export and verify the tamper-evident audit log.")
+app.add_typer(keys_app, name="keys", help="CKKS key authority: create and rotate HE keys.")
 
 console = Console()
 err = Console(stderr=True)

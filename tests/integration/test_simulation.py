@@ -132,7 +132,7 @@ def test_run_directory_contents(run: dict[str, object]) -> None:
     assert set(summary["centralised"]) == {
         "logistic_regression",
         "hist_gradient_boosting",
-        "pooled_torch_mlp",
+        "pooled_torch",
     }
     assert 0.5 < summary["federated"]["roc_auc"] <= 1.0
     assert sum(summary["rows"].values()) == 450

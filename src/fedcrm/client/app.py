@@ -6,6 +6,7 @@ simulation, from the branch directory for its ``partition-id``.
 """
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedcrm import constants as k
 from fedcrm.client import branch
@@ -94,6 +96,8 @@ class RoundSettings:
                 lr=get(k.KEY_LR, float, 1e-3),
                 weight_decay=get(k.KEY_WEIGHT_DECAY, float, 0.0),
                 proximal_mu=get(k.KEY_PROXIMAL_MU, float, 0.0),
+                optimizer="adam" if get(k.KEY_OPTIMIZER, str, "sgd") == "adam" else "sgd",
+                momentum=get(k.KEY_MOMENTUM, float, 0.9),
             ),
         )
 
@@ -108,9 +112,14 @@ class RoundSettings:
         return self.scaler
 
 
-def make_client_app(branches_root: Path | None = None) -> ClientApp:
-    """Build the ClientApp; ``branches_root`` is the simulation's ``branches/`` folder."""
-    app = ClientApp()
+def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
+    """Build the ClientApp.
+
+    Args:
+        branches_root: The simulation's ``branches/`` folder (``None`` in a deployment).
+        mods: Flower mods wrapped around every handler (e.g. encrypt-before-send).
+    """
+    app = ClientApp(mods=list(mods))
 
     def prepare(msg: Message, context: Context) -> tuple[RoundSettings, Split]:
         torch.set_num_threads(1)  # simulated branches share the machine's cores

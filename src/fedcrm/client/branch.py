@@ -18,7 +18,7 @@ from fedcrm.data.preprocess import Moments, Scaler, encode, local_moments
 from fedcrm.data.pseudonymise import load_or_create_key
 from fedcrm.data.schema import ChurnSchema
 from fedcrm.data.split import Split, split_frame
-from fedcrm.models.churn import TrainSettings, build_model, predict_proba, train_local
+from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba, train_local
 from fedcrm.models.metrics import ScoreHistogram, log_loss_sum
 
 
@@ -64,8 +64,7 @@ def train(
 ) -> TrainOutcome:
     """Train the global model on the branch's training rows."""
     x, y = encode(split.train, schema, scaler)
-    model = build_model(schema.input_dim, seed=seed)
-    model.load_state_dict(global_state)
+    model = model_from_state(global_state)
     loss = train_local(model, x, y, settings, seed=seed, global_state=global_state)
     return TrainOutcome(model.state_dict(), len(y), loss)
 
@@ -85,8 +84,7 @@ def evaluate(
     split: Split, schema: ChurnSchema, scaler: Scaler, global_state: dict[str, torch.Tensor]
 ) -> EvalOutcome:
     """Score the global model on the branch's held-out rows."""
-    model = build_model(schema.input_dim, seed=0)
-    model.load_state_dict(global_state)
+    model = model_from_state(global_state)
     x_val, y_val = encode(split.val, schema, scaler)
     x_test, y_test = encode(split.test, schema, scaler)
     p_val, p_test = predict_proba(model, x_val), predict_proba(model, x_test)

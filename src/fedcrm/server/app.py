@@ -6,7 +6,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.server.config import FederationConfig
-from fedcrm.server.federation import FederationResult, RoundCallback, run_federation
+from fedcrm.server.federation import (
+    FederationResult,
+    RoundCallback,
+    StrategyWrapper,
+    run_federation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +22,7 @@ def make_server_app(
     min_nodes: int = 2,
     on_round: RoundCallback | None = None,
     results: list[FederationResult] | None = None,
+    wrap_strategy: StrategyWrapper | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
@@ -25,13 +31,16 @@ def make_server_app(
         min_nodes: Branches that must be connected before the first round.
         on_round: Called after every round (progress display, metrics file).
         results: The run's `FederationResult` is appended here when it ends.
+        wrap_strategy: Wraps the optimisation strategy (e.g. homomorphic aggregation).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = cfg or FederationConfig.from_run_config(context.run_config)
-        result = run_federation(grid, config, min_nodes=min_nodes, on_round=on_round)
+        result = run_federation(
+            grid, config, min_nodes=min_nodes, on_round=on_round, wrap_strategy=wrap_strategy
+        )
         if results is not None:
             results.append(result)
 

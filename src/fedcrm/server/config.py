@@ -25,6 +25,10 @@ class FederationConfig:
     batch_size: int = 32
     lr: float = 0.005
     weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    hidden_layers: str = "64,32"
+    """Hidden layer widths of the churn MLP, comma-separated; empty for logistic regression."""
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     seed: int = 42
@@ -47,6 +51,23 @@ class FederationConfig:
                 )
         if self.weight_decay < 0 or self.proximal_mu < 0:
             raise ConfigError("weight-decay and proximal-mu must be >= 0")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        try:
+            widths = self.hidden
+        except ValueError:
+            widths = (0,)
+        if any(w < 1 for w in widths):
+            raise ConfigError(
+                f"hidden-layers must be comma-separated positive widths, got {self.hidden_layers!r}"
+            )
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        """Hidden layer widths as integers."""
+        return tuple(int(w) for w in self.hidden_layers.replace(" ", "").split(",") if w)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":

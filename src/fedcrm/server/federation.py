@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedcrm import constants as k
 from fedcrm.data.preprocess import Moments, Scaler, combine_moments
@@ -54,6 +55,8 @@ class FederationResult:
 
 
 RoundCallback = Callable[[RoundRecord], None]
+StrategyWrapper = Callable[[Strategy], Strategy]
+"""Wraps the inner strategy (e.g. HE aggregation) inside the reply validation."""
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -114,6 +117,8 @@ def _message_config(cfg: FederationConfig, scaler: Scaler) -> ConfigRecord:
             k.KEY_LOCAL_EPOCHS: cfg.local_epochs,
             k.KEY_BATCH_SIZE: cfg.batch_size,
             k.KEY_WEIGHT_DECAY: cfg.weight_decay,
+            k.KEY_OPTIMIZER: cfg.optimizer,
+            k.KEY_MOMENTUM: cfg.momentum,
             k.KEY_SCALER_MEAN: [float(v) for v in scaler.mean],
             k.KEY_SCALER_STD: [float(v) for v in scaler.std],
         }
@@ -130,22 +135,22 @@ def run_federation(
     *,
     min_nodes: int = 2,
     on_round: RoundCallback | None = None,
+    wrap_strategy: StrategyWrapper | None = None,
 ) -> FederationResult:
     """Run federated churn training on the branches connected to ``grid``."""
     nodes = wait_for_nodes(grid, min_nodes, cfg.round_timeout)
     scaler = federated_scaler(grid, nodes, cfg)
     schema = get_schema(cfg.schema)
-    model = build_model(schema.input_dim, seed=cfg.seed)
+    model = build_model(schema.input_dim, seed=cfg.seed, hidden=cfg.hidden)
     arrays = ArrayRecord(model.state_dict())
-    strategy = ValidatedStrategy(
-        build_strategy(
-            cfg.strategy,
-            num_nodes=len(nodes),
-            fraction_train=cfg.fraction_train,
-            proximal_mu=cfg.proximal_mu,
-            server_lr=cfg.server_lr,
-        )
+    inner = build_strategy(
+        cfg.strategy,
+        num_nodes=len(nodes),
+        fraction_train=cfg.fraction_train,
+        proximal_mu=cfg.proximal_mu,
+        server_lr=cfg.server_lr,
     )
+    strategy = ValidatedStrategy(wrap_strategy(inner) if wrap_strategy else inner)
     config = _message_config(cfg, scaler)
     result = FederationResult(model.state_dict(), scaler, len(nodes))
     best_val = -np.inf

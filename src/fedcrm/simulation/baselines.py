@@ -49,13 +49,15 @@ def gradient_boosting(data: PooledData, *, seed: int) -> ChurnMetrics:
     )
 
 
-def pooled_torch(data: PooledData, settings: TrainSettings, *, seed: int) -> ChurnMetrics:
+def pooled_torch(
+    data: PooledData, settings: TrainSettings, *, seed: int, hidden: tuple[int, ...]
+) -> ChurnMetrics:
     """The federated model's architecture and optimiser, trained on the pooled rows.
 
     Trains ``settings.epochs`` epochs one at a time and keeps the epoch with the best
     validation ROC-AUC (early stopping), as the federated run keeps its best round.
     """
-    model = build_model(data.x_train.shape[1], seed=seed)
+    model = build_model(data.x_train.shape[1], seed=seed, hidden=hidden)
     one_epoch = replace(settings, epochs=1)
     best_auc, best_state = -np.inf, copy.deepcopy(model.state_dict())
     for epoch in range(settings.epochs):
@@ -70,11 +72,11 @@ def pooled_torch(data: PooledData, settings: TrainSettings, *, seed: int) -> Chu
 
 
 def run_baselines(
-    data: PooledData, settings: TrainSettings, *, seed: int
+    data: PooledData, settings: TrainSettings, *, seed: int, hidden: tuple[int, ...]
 ) -> dict[str, ChurnMetrics]:
     """All centralised baselines, keyed by name."""
     return {
         "logistic_regression": logistic_regression(data, seed=seed),
         "hist_gradient_boosting": gradient_boosting(data, seed=seed),
-        "pooled_torch_mlp": pooled_torch(data, settings, seed=seed),
+        "pooled_torch": pooled_torch(data, settings, seed=seed, hidden=hidden),
     }

@@ -44,7 +44,7 @@ from fedcrm.data.schema import ChurnSchema, get_schema
 from fedcrm.data.split import Split
 from fedcrm.data.synthetic import synthetic_export
 from fedcrm.exceptions import FedCrmError
-from fedcrm.models.churn import TrainSettings, build_model, predict_proba
+from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba
 from fedcrm.models.metrics import exact_metrics
 from fedcrm.server.app import make_server_app
 from fedcrm.server.federation import FederationResult, RoundRecord
@@ -243,8 +243,7 @@ def run_experiment(
     fed_seconds = time.perf_counter() - t0
     save_file(result.state_dict, str(run_dir / "model.safetensors"))
 
-    model = build_model(schema.input_dim, seed=0)
-    model.load_state_dict(result.state_dict)
+    model = model_from_state(result.state_dict)
     federated = exact_metrics(
         pooled.y_val,
         predict_proba(model, pooled.x_val),
@@ -261,10 +260,11 @@ def run_experiment(
             batch_size=f.batch_size,
             lr=f.lr,
             weight_decay=f.weight_decay,
+            optimizer="adam" if f.optimizer == "adam" else "sgd",
+            momentum=f.momentum,
         )
-        centralised = {
-            k: v.as_dict() for k, v in run_baselines(pooled, settings, seed=f.seed).items()
-        }
+        baselines = run_baselines(pooled, settings, seed=f.seed, hidden=f.hidden)
+        centralised = {k: v.as_dict() for k, v in baselines.items()}
 
     summary = {
         "name": cfg.name,
