@@ -13,6 +13,9 @@ Run directory layout::
       metrics.jsonl        one line per round (federated evaluation, pooled over branches)
       model.safetensors    final global model
       summary.json         final federated and centralised metrics (machine-readable)
+      ledger.db            DP runs: the privacy ledger (SQLite), unless [dp] ledger-url
+                           names another store; branches/NNN/privacy/ holds each branch's
+                           persistent accountant
       report.md, auc_per_round.png
       flower.log           Flower's own log of the run
 """
@@ -20,8 +23,12 @@ Run directory layout::
 import json
 import logging
 import os
+import shutil
+import stat
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +42,7 @@ from safetensors.torch import save_file
 
 from fedcrm.client.app import branch_dir, make_client_app
 from fedcrm.client.branch import BranchData, write_export
+from fedcrm.compliance import sqlite_url
 from fedcrm.data.check import coerce_frame
 from fedcrm.data.loaders import load_dataset
 from fedcrm.data.partition import partition_indices
@@ -47,10 +55,10 @@ from fedcrm.exceptions import FedCrmError
 from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba
 from fedcrm.models.metrics import exact_metrics
 from fedcrm.server.app import make_server_app
-from fedcrm.server.federation import FederationResult, RoundRecord
+from fedcrm.server.federation import FederationResult, FederationStopped, RoundRecord
 from fedcrm.simulation.baselines import PooledData, run_baselines
 from fedcrm.simulation.config import SYNTHETIC_PREFIX, ExperimentConfig, to_toml_dict
-from fedcrm.simulation.report import write_report
+from fedcrm.simulation.report import privacy_summary, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -172,32 +180,69 @@ def simulate(
 ) -> FederationResult:
     """Run the federated training on Flower's simulation engine with one node per branch.
 
-    Ray keeps its temporary files in ``<run_dir>/ray`` (a short path is needed: Ray's
-    socket paths must stay under 108 bytes) and binds only to 127.0.0.1
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by `fedcrm._env`).
+    Ray binds only to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by
+    `fedcrm._env`). Its session files end up in ``<run_dir>/ray`` (see `ray_session_dir`).
     """
     results: list[FederationResult] = []
+    stopped: list[FederationStopped] = []
     server_app = make_server_app(
-        cfg.federation, min_nodes=num_branches, on_round=on_round, results=results
+        cfg.federation,
+        min_nodes=num_branches,
+        on_round=on_round,
+        results=results,
+        dp=cfg.dp,
+        ledger_url=sqlite_url(ledger_path(run_dir)),
+        run_id=run_dir.name,
+        errors=stopped,
     )
     client_app = make_client_app(run_dir / "branches")
-    with _FlowerLogToFile(run_dir / "flower.log"):
+    with _FlowerLogToFile(run_dir / "flower.log"), ray_session_dir(run_dir) as ray_dir:
         run_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=num_branches,
-            backend_config=_backend_config(cfg, ray_temp_dir(run_dir)),
+            backend_config=_backend_config(cfg, ray_dir),
         )
+    if stopped:
+        raise stopped[0]
     if not results:
         raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
     return results[0]
 
 
-def ray_temp_dir(run_dir: Path) -> Path:
-    """Ray's temporary folder for this run (inside the run directory)."""
-    path = run_dir.resolve() / "ray"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def ledger_path(run_dir: Path) -> Path:
+    """The run's privacy ledger (SQLite) unless ``[dp] ledger-url`` names another store."""
+    return run_dir / "ledger.db"
+
+
+_AF_UNIX_PATH_MAX = 107
+_RAY_SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
+
+
+@contextmanager
+def ray_session_dir(run_dir: Path) -> Iterator[Path]:
+    """Give Ray a temporary folder whose contents end up in ``<run_dir>/ray``.
+
+    Ray puts Unix sockets under its temporary folder, and a socket path may not exceed 107
+    bytes. When ``<run_dir>/ray`` is short enough Ray uses it directly; otherwise Ray runs in a
+    private (0700) folder under the system temp dir, which is moved into the run directory
+    (sockets excluded) once the simulation has ended.
+    """
+    target = run_dir.resolve() / "ray"
+    if len(str(target)) + _RAY_SOCKET_SUFFIX <= _AF_UNIX_PATH_MAX:
+        target.mkdir(parents=True, exist_ok=True)
+        yield target
+        return
+    short = Path(tempfile.mkdtemp(prefix="fedcrm-ray-"))
+    try:
+        yield short
+    finally:
+        shutil.copytree(short, target, ignore=_sockets, symlinks=True, dirs_exist_ok=True)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _sockets(folder: str, names: list[str]) -> set[str]:
+    return {n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(folder, n)).st_mode)}
 
 
 def new_run_dir(runs_root: Path, name: str) -> Path:
@@ -289,6 +334,10 @@ def run_experiment(
         },
         "centralised": centralised,
     }
+    if result.dp is not None:
+        summary["privacy"] = privacy_summary(
+            result, ledger=result.dp.ledger_url or sqlite_url(ledger_path(run_dir))
+        )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     write_report(run_dir, summary, [r.evaluate for r in result.rounds])
     phase(f"report written to {run_dir / 'report.md'}")
