@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedcrm demo
 
 test: $(STAMP)
+	scripts/check
 	$(PY) -m pytest
 
 check: $(STAMP)
