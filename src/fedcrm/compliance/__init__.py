@@ -2,8 +2,10 @@
 
 This package never imports torch, opacus, tenseal or any other part of fedcrm except
 ``fedcrm.exceptions``. It holds the compliance store (SQLAlchemy 2 with Alembic migrations;
-SQLite by default, PostgreSQL by URL), the privacy ledger and, in
-:mod:`fedcrm.compliance.audit`, the tamper-evident audit log.
+SQLite by default, PostgreSQL by URL), the privacy ledger, the consent registry
+(:class:`ConsentRegistry`), hashed API keys and, in :mod:`fedcrm.compliance.audit`, the
+tamper-evident audit log. The FastAPI service is :mod:`fedcrm.compliance.api` and the
+``fedcrm compliance`` commands are :mod:`fedcrm.compliance.cli` (both imported on demand).
 
 Example:
     >>> from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
@@ -13,6 +15,16 @@ Example:
     0.0
 """
 
+from fedcrm.compliance.apikeys import ApiKeyInfo, ApiKeyStore, Principal
+from fedcrm.compliance.consent import (
+    ConsentRecordView,
+    ConsentRegistry,
+    CoverageCount,
+    HistoryEntry,
+    ImportSummary,
+    Notice,
+    PurposeStatus,
+)
 from fedcrm.compliance.db import (
     current_revision,
     downgrade,
@@ -26,22 +38,35 @@ from fedcrm.compliance.db import (
 )
 from fedcrm.compliance.enums import (
     Accountant,
+    Channel,
+    CollectionMethod,
+    ConsentStatus,
     Decision,
     EventType,
     KeyScope,
+    LegalBasis,
     Mechanism,
     NeighbouringRelation,
     PrivacyUnit,
+    Purpose,
+    Role,
     SamplingMethod,
 )
 from fedcrm.compliance.errors import (
+    ApiKeyError,
     AuditError,
     AuditIntegrityError,
     AuditVerificationError,
     BodyUnavailable,
     ComplianceError,
+    ConsentError,
+    ConsentImportError,
+    ConsentNotFound,
+    ConsentStateError,
+    ConsentValidationError,
     CumulativeEpsilonDecrease,
     ExportFormatError,
+    ImportRowError,
     KeyFileError,
     LedgerError,
     ProofError,
@@ -53,25 +78,48 @@ from fedcrm.compliance.ledger import LedgerEntry, LedgerTotal, PrivacyLedger
 
 __all__ = [
     "Accountant",
+    "ApiKeyError",
+    "ApiKeyInfo",
+    "ApiKeyStore",
     "AuditError",
     "AuditIntegrityError",
     "AuditVerificationError",
     "BodyUnavailable",
+    "Channel",
+    "CollectionMethod",
     "ComplianceError",
+    "ConsentError",
+    "ConsentImportError",
+    "ConsentNotFound",
+    "ConsentRecordView",
+    "ConsentRegistry",
+    "ConsentStateError",
+    "ConsentStatus",
+    "ConsentValidationError",
+    "CoverageCount",
     "CumulativeEpsilonDecrease",
     "Decision",
     "EventType",
     "ExportFormatError",
+    "HistoryEntry",
+    "ImportRowError",
+    "ImportSummary",
     "KeyFileError",
     "KeyScope",
     "LedgerEntry",
     "LedgerError",
     "LedgerTotal",
+    "LegalBasis",
     "Mechanism",
     "NeighbouringRelation",
+    "Notice",
+    "Principal",
     "PrivacyLedger",
     "PrivacyUnit",
     "ProofError",
+    "Purpose",
+    "PurposeStatus",
+    "Role",
     "SamplingMethod",
     "SignatureError",
     "StoreError",

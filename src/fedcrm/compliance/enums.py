@@ -82,3 +82,82 @@ class KeyScope(StrEnum):
     """One pseudonymous data subject; destroying it shreds their bodies."""
     LOG = "log"
     """The log itself, for events that concern no subject."""
+
+
+class Purpose(StrEnum):
+    """Processing purposes a customer can consent to (W3C DPV ``dpv:Purpose`` instances)."""
+
+    CHURN_MODEL_TRAINING = "churn-model-training"
+    """Training the federated churn model on the customer's records."""
+    RECOMMENDATION_TRAINING = "recommendation-training"
+    """Training the federated recommender on the customer's interactions."""
+    MARKETING_PROFILING = "marketing-profiling"
+    """Profiling the customer for direct marketing (GDPR Art. 21(2): objection is absolute)."""
+
+
+class LegalBasis(StrEnum):
+    """GDPR Art. 6(1) legal bases, named after the W3C DPV ``dpv:LegalBasis`` concepts."""
+
+    CONSENT = "consent"
+    """Art. 6(1)(a); DPV ``dpv:Consent``."""
+    EXPLICIT_CONSENT = "explicit-consent"
+    """Art. 9(2)(a) for special categories; DPV ``dpv:ExplicitlyExpressedConsent``."""
+    CONTRACT = "contract"
+    """Art. 6(1)(b); DPV ``dpv:Contract``."""
+    LEGAL_OBLIGATION = "legal-obligation"
+    """Art. 6(1)(c); DPV ``dpv:LegalObligation``."""
+    LEGITIMATE_INTEREST = "legitimate-interest"
+    """Art. 6(1)(f); DPV ``dpv:LegitimateInterest``."""
+
+
+class ConsentStatus(StrEnum):
+    """Consent states and history events (DPV ``dpv:ConsentStatus``, ISO/IEC TS 27560).
+
+    Every member is also an event of the append-only history, except that ``expired`` is normally
+    derived from the expiry time rather than recorded.
+    """
+
+    GIVEN = "given"
+    REFUSED = "refused"
+    WITHDRAWN = "withdrawn"
+    EXPIRED = "expired"
+    RENEWED = "renewed"
+
+    @property
+    def is_valid(self) -> bool:
+        """Whether this status allows processing (given or renewed, before expiry)."""
+        return self in (ConsentStatus.GIVEN, ConsentStatus.RENEWED)
+
+
+class Channel(StrEnum):
+    """Where the customer expressed the decision (ISO/IEC TS 27560 "interaction channel")."""
+
+    WEB = "web"
+    MOBILE_APP = "mobile-app"
+    IN_BRANCH = "in-branch"
+    PHONE = "phone"
+    EMAIL = "email"
+    POST = "post"
+    API = "api"
+
+
+class CollectionMethod(StrEnum):
+    """How the decision was captured (DPV ``dpv:ConsentRecord`` / ISO/IEC TS 27560 method)."""
+
+    ONLINE_FORM = "online-form"
+    PAPER_FORM = "paper-form"
+    SIGNED_DOCUMENT = "signed-document"
+    VERBAL_RECORDED = "verbal-recorded"
+    BRANCH_IMPORT = "branch-import"
+    """Migrated from a branch's own records by a bulk CSV import."""
+
+
+class Role(StrEnum):
+    """Roles of the compliance service's API keys."""
+
+    OFFICER = "officer"
+    """Reads everything; administers consent for every branch."""
+    BRANCH = "branch"
+    """Reads and administers its own branch's customers only."""
+    RESEARCHER = "researcher"
+    """Aggregates only: ledger totals and consent coverage counts, no per-customer data."""

@@ -8,6 +8,13 @@ Hierarchy::
     FedCrmError
     └── ComplianceError            base of every compliance-store error
         ├── StoreError             the store cannot be opened or migrated
+        ├── ApiKeyError            an API key cannot be created (bad role or branch)
+        ├── ConsentError           base of the consent-registry errors
+        │   ├── ConsentValidationError
+        │   │                      a consent change is malformed (every problem listed)
+        │   ├── ConsentImportError a bulk CSV import was refused (every bad row listed)
+        │   ├── ConsentNotFound    no consent record for this customer at this branch
+        │   └── ConsentStateError  the change does not follow from the current status
         ├── LedgerError            a privacy-ledger entry is refused
         │   └── CumulativeEpsilonDecrease
         │                          an entry would lower a cumulative ε
@@ -25,6 +32,8 @@ Hierarchy::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedcrm.exceptions import FedCrmError
@@ -39,6 +48,62 @@ class ComplianceError(FedCrmError):
 
 class StoreError(ComplianceError):
     """The compliance store cannot be opened, connected to or migrated."""
+
+
+class ApiKeyError(ComplianceError):
+    """An API key cannot be created: unknown role, or a branch where none belongs."""
+
+
+class ConsentError(ComplianceError):
+    """Base class of the consent registry's errors."""
+
+
+class ConsentValidationError(ConsentError):
+    """A consent change is malformed.
+
+    Args:
+        problems: Every problem found, each naming the field and the constraint.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(
+            f"invalid consent change ({len(self.problems)} problem(s)): " + "; ".join(problems)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRowError:
+    """One rejected row of a consent CSV: its line number in the file (header = 1) and why."""
+
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.reason}"
+
+
+class ConsentImportError(ConsentError):
+    """A bulk consent import was refused as a whole; nothing was written.
+
+    Args:
+        errors: Every rejected row, in file order.
+    """
+
+    def __init__(self, errors: Sequence[ImportRowError]) -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {error}" for error in self.errors)
+        super().__init__(
+            f"consent import refused, nothing imported: {len(self.errors)} bad row(s):\n{lines}"
+        )
+
+
+class ConsentNotFound(ConsentError):
+    """There is no consent record for this customer at this branch."""
+
+
+class ConsentStateError(ConsentError):
+    """The change does not follow from the current status (e.g. withdrawing nothing)."""
 
 
 class LedgerError(ComplianceError):

@@ -11,6 +11,10 @@ Tables:
     ``privacy_ledger``: one row per privacy-budget decision (issue 3, "The privacy ledger").
     ``privacy_ledger_totals``: the latest cumulative ε per (branch, model, purpose), locked by
     every ledger append so that no concurrent writer can lower it.
+    ``consent_records``: one consent record per (branch, pseudonymous customer); never updated.
+    ``consent_events``: the append-only consent history (database triggers refuse UPDATE and
+    DELETE); the current status of a purpose is its latest event.
+    ``api_keys``: API keys of the compliance service, stored as SHA-256 hashes only.
 """
 
 from __future__ import annotations
@@ -31,18 +35,25 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from fedcrm.compliance._types import UTCDateTime, utcnow
 from fedcrm.compliance.enums import (
     Accountant,
+    Channel,
+    CollectionMethod,
+    ConsentStatus,
     Decision,
     EventType,
     KeyScope,
+    LegalBasis,
     Mechanism,
     NeighbouringRelation,
     PrivacyUnit,
+    Purpose,
+    Role,
     SamplingMethod,
 )
 
@@ -222,3 +233,75 @@ class PrivacyLedgerTotal(Base):
     cumulative_epsilon: Mapped[float] = mapped_column(Double)
     last_entry_id: Mapped[int] = mapped_column(Integer, ForeignKey("privacy_ledger.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConsentRecord(Base):
+    """The consent record of one pseudonymous customer at one branch (ISO/IEC TS 27560).
+
+    The row is written once and never updated; everything that changes is a
+    :class:`ConsentEvent`.
+    """
+
+    __tablename__ = "consent_records"
+    __table_args__ = (
+        UniqueConstraint("branch", "subject_ref", name="uq_consent_records_branch_subject"),
+    )
+
+    record_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    branch: Mapped[str] = mapped_column(String(_REF_LENGTH), index=True)
+    subject_ref: Mapped[str] = mapped_column(String(_REF_LENGTH), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ConsentEvent(Base):
+    """One entry of a record's append-only consent history, for one purpose.
+
+    ``audit_index`` is the leaf index of the ``consent-change`` audit event written in the same
+    transaction.
+    """
+
+    __tablename__ = "consent_events"
+    __table_args__ = (
+        CheckConstraint(
+            "expires_at IS NULL OR expires_at > occurred_at", name="expiry_after_event"
+        ),
+        Index("ix_consent_events_record_purpose", "record_id", "purpose", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(String(32), ForeignKey("consent_records.record_id"))
+    purpose: Mapped[Purpose] = mapped_column(_str_enum(Purpose, "consent_purpose"))
+    event: Mapped[ConsentStatus] = mapped_column(_str_enum(ConsentStatus, "consent_event"))
+    legal_basis: Mapped[LegalBasis] = mapped_column(_str_enum(LegalBasis, "legal_basis"))
+    occurred_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    actor: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    channel: Mapped[Channel] = mapped_column(_str_enum(Channel, "consent_channel"))
+    collection_method: Mapped[CollectionMethod] = mapped_column(
+        _str_enum(CollectionMethod, "collection_method")
+    )
+    notice_id: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    notice_version: Mapped[str] = mapped_column(String(64))
+    notice_hash: Mapped[str] = mapped_column(String(64))
+    audit_index: Mapped[int] = mapped_column(BigInteger, ForeignKey("audit_entries.seq"))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key of the compliance service: only the SHA-256 of the secret token is stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint(
+            "(role = 'branch' AND branch IS NOT NULL) OR (role <> 'branch' AND branch IS NULL)",
+            name="branch_role_has_branch",
+        ),
+    )
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    role: Mapped[Role] = mapped_column(_str_enum(Role, "api_role"))
+    branch: Mapped[str | None] = mapped_column(String(_REF_LENGTH))
+    label: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]

@@ -45,6 +45,9 @@ TABLES = {
     "audit_checkpoints",
     "privacy_ledger",
     "privacy_ledger_totals",
+    "consent_records",
+    "consent_events",
+    "api_keys",
 }
 
 

@@ -1,0 +1,1 @@
+"""Routers of the compliance service, one module per resource."""

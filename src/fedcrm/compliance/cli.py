@@ -1,0 +1,237 @@
+"""``fedcrm compliance``: serve the officer's service, administer consent and API keys.
+
+Mount with ``app.add_typer(fedcrm.compliance.cli.app, name="compliance")``.
+
+Exit codes: 0 done, 1 refused (a bad consent file, a change that does not follow from the
+status), 2 unusable input (unreachable store, malformed arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedcrm.compliance.apikeys import ApiKeyStore
+from fedcrm.compliance.audit._log import AuditLog
+from fedcrm.compliance.consent import ConsentRegistry
+from fedcrm.compliance.db import open_store, sqlite_url
+from fedcrm.compliance.enums import Channel, Purpose, Role
+from fedcrm.compliance.errors import (
+    ApiKeyError,
+    ComplianceError,
+    ConsentImportError,
+    ConsentNotFound,
+    ConsentStateError,
+)
+
+EXIT_REFUSED = 1
+EXIT_UNUSABLE = 2
+
+app = typer.Typer(
+    name="compliance",
+    help="The compliance officer's service: consent registry, ledger, audit log, Art. 30.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+consent_app = typer.Typer(help="Import, withdraw and show consent.", no_args_is_help=True)
+apikey_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+app.add_typer(consent_app, name="consent")
+app.add_typer(apikey_app, name="apikey")
+
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="Compliance store: a SQLAlchemy URL or a SQLite file path "
+        "(default: FEDCRM_COMPLIANCE_DATABASE_URL, else ./compliance.db).",
+    ),
+]
+
+
+def _url(db: str | None) -> str:
+    if db is None:
+        from fedcrm.compliance.core.config import Settings
+
+        return Settings().database_url
+    return db if "://" in db else sqlite_url(db)
+
+
+def _fail(message: str, code: int = EXIT_UNUSABLE) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _registry(db: str | None) -> ConsentRegistry:
+    try:
+        factory = open_store(_url(db))
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    return ConsentRegistry(factory, audit=AuditLog(factory))
+
+
+@app.command()
+def serve(
+    db: DbOption = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    ropa_file: Annotated[
+        Path | None,
+        typer.Option(help="JSON configuration of the Art. 30 records (RopaConfig)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the compliance API (OpenAPI docs at /docs) with uvicorn."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from fedcrm.compliance.api.main import create_app
+    from fedcrm.compliance.core.config import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, object] = {}
+    if db is not None:
+        overrides["database_url"] = _url(db)
+    if ropa_file is not None:
+        overrides["ropa_file"] = ropa_file
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        application = create_app(settings)
+    except ValidationError as exc:
+        raise _fail(f"invalid settings: {exc}") from exc
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    uvicorn.run(application, host=host, port=port, log_level=log_level, ws="none")
+
+
+@consent_app.command("import")
+def consent_import(
+    branch: Annotated[str, typer.Argument(help="The branch the file comes from.")],
+    csv_file: Annotated[Path, typer.Argument(help="The branch's consent CSV (UTF-8).")],
+    db: DbOption = None,
+    actor: Annotated[str, typer.Option(help="Who imports (recorded on every event).")] = (
+        "branch-import"
+    ),
+) -> None:
+    """Import a consent CSV, all or nothing; every bad row is listed with its line number."""
+    registry = _registry(db)
+    try:
+        with csv_file.open(encoding="utf-8", newline="") as handle:
+            summary = registry.import_csv(branch=branch, source=handle, actor=actor)
+    except OSError as exc:
+        raise _fail(f"cannot read {csv_file}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise _fail(f"{csv_file} is not UTF-8: {exc}") from exc
+    except ConsentImportError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from exc
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(
+        f"imported {summary.rows} row(s): {summary.events} event(s) for {summary.customers} "
+        f"customer(s), {summary.records_created} new record(s) at branch {branch}"
+    )
+
+
+@consent_app.command("withdraw")
+def consent_withdraw(
+    branch: Annotated[str, typer.Argument(help="The customer's branch.")],
+    customer_id: Annotated[str, typer.Argument(help="The customer's pseudonymous id.")],
+    purpose: Annotated[
+        list[Purpose] | None,
+        typer.Option(help="Purpose to withdraw (repeatable); default: every given one."),
+    ] = None,
+    channel: Annotated[Channel, typer.Option(help="Where the customer withdrew.")] = (
+        Channel.IN_BRANCH
+    ),
+    actor: Annotated[str, typer.Option(help="Who records it.")] = "customer",
+    db: DbOption = None,
+) -> None:
+    """Withdraw a customer's consent, effective now (from the next round on)."""
+    registry = _registry(db)
+    try:
+        view = registry.withdraw(
+            branch=branch, subject=customer_id, channel=channel, actor=actor, purposes=purpose
+        )
+    except (ConsentNotFound, ConsentStateError) as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from exc
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    withdrawn = sorted(
+        p.value for p, s in view.status_at().items() if s.status.value == "withdrawn"
+    )
+    typer.echo(f"withdrawn: {', '.join(withdrawn)}")
+
+
+@consent_app.command("receipt")
+def consent_receipt(
+    branch: Annotated[str, typer.Argument(help="The customer's branch.")],
+    customer_id: Annotated[str, typer.Argument(help="The customer's pseudonymous id.")],
+    out: Annotated[Path | None, typer.Option(help="Write the JSON here (default: stdout).")] = (
+        None
+    ),
+    db: DbOption = None,
+) -> None:
+    """Print (or write) the customer's JSON consent receipt."""
+    registry = _registry(db)
+    try:
+        receipt = registry.receipt(branch=branch, subject=customer_id)
+    except ConsentNotFound as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from exc
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    text = json.dumps(receipt, indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"receipt written to {out}")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    role: Annotated[Role, typer.Option(help="officer, branch or researcher.")],
+    label: Annotated[str, typer.Option(help="Who holds it, e.g. dpo-laptop.")],
+    branch: Annotated[str | None, typer.Option(help="The branch of a branch key.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Create an API key; its token is printed once and never stored (only its SHA-256)."""
+    try:
+        store = ApiKeyStore(open_store(_url(db)))
+        info, token = store.create(role, label=label, branch=branch)
+    except ApiKeyError as exc:
+        raise _fail(str(exc)) from exc
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"key id: {info.key_id} (role {info.role.value})", err=True)
+    typer.echo(token)
+
+
+@apikey_app.command("list")
+def apikey_list(db: DbOption = None) -> None:
+    """List API keys (ids, roles, branches; never tokens)."""
+    try:
+        keys = ApiKeyStore(open_store(_url(db))).list()
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    for key in keys:
+        state = "revoked" if key.revoked_at else "active"
+        typer.echo(f"{key.key_id}\t{key.role.value}\t{key.branch or '-'}\t{state}\t{key.label}")
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id to revoke.")],
+    db: DbOption = None,
+) -> None:
+    """Revoke an API key."""
+    try:
+        revoked = ApiKeyStore(open_store(_url(db))).revoke(key_id)
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    if not revoked:
+        raise _fail(f"no active key {key_id!r}", EXIT_REFUSED)
+    typer.echo(f"revoked {key_id}")

@@ -1,0 +1,593 @@
+"""Request and response bodies of the compliance service, split by direction.
+
+``XCreate`` models are what a client may send; ``XPublic`` models are all a response may carry.
+Response models are built field by field from the domain dataclasses (``from_domain``), so an
+internal field (a token hash, a key, a stored row id) can only reach a response by being added
+here on purpose. Researchers' responses (:class:`CoveragePublic`, :class:`LedgerTotalPublic`,
+:class:`BurnDownPublic`) carry no per-customer field at all.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Self
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from fedcrm.compliance.apikeys import Principal
+from fedcrm.compliance.audit._log import ConsistencyProof, InclusionProof
+from fedcrm.compliance.audit._signing import SignedCheckpoint
+from fedcrm.compliance.consent import (
+    ConsentRecordView,
+    CoverageCount,
+    HistoryEntry,
+    ImportSummary,
+    Notice,
+    PurposeStatus,
+)
+from fedcrm.compliance.core.config import (
+    Controller,
+    ProcessingActivity,
+    SecurityMeasures,
+)
+from fedcrm.compliance.enums import (
+    Channel,
+    CollectionMethod,
+    ConsentStatus,
+    Decision,
+    LegalBasis,
+    Purpose,
+    Role,
+)
+from fedcrm.compliance.ledger import LedgerEntry, LedgerTotal
+
+NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+"""Branches, customer ids (pseudonyms) and notice ids."""
+ACTOR_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,128}$"
+"""Who recorded a change: ``customer`` or a staff pseudonym such as ``b1/clerk-17``."""
+
+_Name = Field(pattern=NAME_PATTERN)
+_Actor = Field(pattern=ACTOR_PATTERN, examples=["customer"])
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# -- consent: requests --------------------------------------------------------------------
+
+
+class NoticeBase(_In):
+    """The privacy notice shown: its id, version and the SHA-256 of its exact text."""
+
+    notice_id: str = _Name
+    version: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    def to_domain(self) -> Notice:
+        """Return the domain notice."""
+        return Notice(self.notice_id, self.version, self.sha256)
+
+
+class PurposeGrant(_In):
+    """A purpose and the legal basis it is processed under."""
+
+    purpose: Purpose
+    legal_basis: LegalBasis = LegalBasis.CONSENT
+
+
+class ConsentGiveCreate(_In):
+    """Give consent for one or more purposes."""
+
+    purposes: list[PurposeGrant] = Field(min_length=1, max_length=len(Purpose))
+    notice: NoticeBase
+    channel: Channel
+    actor: str = _Actor
+    collection_method: CollectionMethod = CollectionMethod.ONLINE_FORM
+    expires_at: AwareDatetime | None = None
+    at: AwareDatetime | None = Field(default=None, description="When (default: now).")
+
+
+class ConsentRefuseCreate(_In):
+    """Record a refusal for one or more purposes."""
+
+    purposes: list[PurposeGrant] = Field(min_length=1, max_length=len(Purpose))
+    notice: NoticeBase
+    channel: Channel
+    actor: str = _Actor
+    collection_method: CollectionMethod = CollectionMethod.ONLINE_FORM
+    at: AwareDatetime | None = None
+
+
+class ConsentWithdrawCreate(_In):
+    """Withdraw consent: only where and who; every given purpose unless ``purposes`` is set."""
+
+    channel: Channel
+    actor: str = _Actor
+    purposes: list[Purpose] | None = Field(default=None, min_length=1, max_length=len(Purpose))
+    at: AwareDatetime | None = None
+
+
+class ConsentRenewCreate(_In):
+    """Renew given (possibly expired) consent with a new expiry, optionally a new notice."""
+
+    channel: Channel
+    actor: str = _Actor
+    expires_at: AwareDatetime | None
+    purposes: list[Purpose] | None = Field(default=None, min_length=1, max_length=len(Purpose))
+    notice: NoticeBase | None = None
+    at: AwareDatetime | None = None
+
+
+class ConsentEraseCreate(_In):
+    """Erase a customer (Art. 17): their audit key is destroyed; consent is void from now on."""
+
+    reason: str = Field(
+        min_length=1, max_length=500, description="e.g. the erasure request's reference"
+    )
+
+
+# -- consent: responses -------------------------------------------------------------------
+
+
+class NoticePublic(_Out):
+    """A notice reference."""
+
+    notice_id: str
+    version: str
+    sha256: str
+
+    @classmethod
+    def from_domain(cls, notice: Notice) -> NoticePublic:
+        """Build from the domain object."""
+        return cls(notice_id=notice.notice_id, version=notice.version, sha256=notice.sha256)
+
+
+class HistoryEntryPublic(_Out):
+    """One event of the append-only consent history."""
+
+    purpose: Purpose
+    event: ConsentStatus
+    legal_basis: LegalBasis
+    occurred_at: datetime
+    expires_at: datetime | None
+    actor: str
+    channel: Channel
+    collection_method: CollectionMethod
+    notice: NoticePublic
+    audit_index: int
+
+    @classmethod
+    def from_domain(cls, entry: HistoryEntry) -> HistoryEntryPublic:
+        """Build from the domain object."""
+        return cls(
+            purpose=entry.purpose,
+            event=entry.event,
+            legal_basis=entry.legal_basis,
+            occurred_at=entry.occurred_at,
+            expires_at=entry.expires_at,
+            actor=entry.actor,
+            channel=entry.channel,
+            collection_method=entry.collection_method,
+            notice=NoticePublic.from_domain(entry.notice),
+            audit_index=entry.audit_index,
+        )
+
+
+class PurposeStatusPublic(_Out):
+    """The status of one purpose at the time asked."""
+
+    purpose: Purpose
+    status: ConsentStatus
+    valid: bool
+    legal_basis: LegalBasis
+    since: datetime
+    expires_at: datetime | None
+    notice: NoticePublic
+
+    @classmethod
+    def from_domain(cls, status: PurposeStatus, *, erased: bool = False) -> PurposeStatusPublic:
+        """Build from the domain object (never valid once the customer is erased)."""
+        return cls(
+            purpose=status.purpose,
+            status=status.status,
+            valid=status.valid and not erased,
+            legal_basis=status.legal_basis,
+            since=status.since,
+            expires_at=status.expires_at,
+            notice=NoticePublic.from_domain(status.notice),
+        )
+
+
+class ConsentRecordPublic(_Out):
+    """A consent record: current status per purpose and the whole history."""
+
+    record_id: str
+    branch: str
+    customer_id: str
+    created_at: datetime
+    erased: bool
+    purposes: list[PurposeStatusPublic]
+    history: list[HistoryEntryPublic]
+
+    @classmethod
+    def from_domain(
+        cls, view: ConsentRecordView, at: datetime | None = None
+    ) -> ConsentRecordPublic:
+        """Build from the domain object, statuses at ``at`` (default now)."""
+        return cls(
+            record_id=view.record_id,
+            branch=view.branch,
+            customer_id=view.subject,
+            created_at=view.created_at,
+            erased=view.erased,
+            purposes=[
+                PurposeStatusPublic.from_domain(status, erased=view.erased)
+                for _, status in sorted(view.status_at(at).items())
+            ],
+            history=[HistoryEntryPublic.from_domain(entry) for entry in view.history],
+        )
+
+
+class ConsentStatusPublic(_Out):
+    """A customer's status per purpose at a time."""
+
+    branch: str
+    customer_id: str
+    at: datetime
+    erased: bool
+    purposes: list[PurposeStatusPublic]
+
+
+class ValidIdsPublic(_Out):
+    """The pseudonymous ids whose consent for a purpose is valid at a time."""
+
+    branch: str
+    purpose: Purpose
+    at: datetime
+    count: int
+    customer_ids: list[str]
+
+
+class CoveragePublic(_Out):
+    """Consent counts of one branch and purpose (aggregates only)."""
+
+    branch: str
+    purpose: Purpose
+    customers: int
+    valid: int
+    expired: int
+    refused: int
+    withdrawn: int
+    erased: int
+    coverage: float
+
+    @classmethod
+    def from_domain(cls, count: CoverageCount) -> CoveragePublic:
+        """Build from the domain object."""
+        return cls(
+            branch=count.branch,
+            purpose=count.purpose,
+            customers=count.customers,
+            valid=count.valid,
+            expired=count.expired,
+            refused=count.refused,
+            withdrawn=count.withdrawn,
+            erased=count.erased,
+            coverage=count.coverage,
+        )
+
+
+class ImportSummaryPublic(_Out):
+    """What a bulk consent import wrote."""
+
+    branch: str
+    rows: int
+    records_created: int
+    events: int
+    customers: int
+
+    @classmethod
+    def from_domain(cls, summary: ImportSummary) -> ImportSummaryPublic:
+        """Build from the domain object."""
+        return cls(
+            branch=summary.branch,
+            rows=summary.rows,
+            records_created=summary.records_created,
+            events=summary.events,
+            customers=summary.customers,
+        )
+
+
+class ReceiptCheckpointPublic(_Out):
+    """The latest signed checkpoint, as shown on a receipt and by the audit routes."""
+
+    tree_size: int
+    root_hash: str
+    timestamp_ms: int
+    signature_algorithm: str
+    key_id: str
+    public_key: str
+    signature: str
+
+    @classmethod
+    def from_domain(cls, checkpoint: SignedCheckpoint) -> Self:
+        """Build from the domain object."""
+        return cls.model_validate(checkpoint.to_json())
+
+
+class ReceiptAuditPublic(_Out):
+    """Where the receipt's events are in the audit log."""
+
+    entries: list[int]
+    latest_checkpoint: ReceiptCheckpointPublic | None
+
+
+class ReceiptPurposePublic(_Out):
+    """One purpose on a receipt."""
+
+    purpose: Purpose
+    status: ConsentStatus
+    valid: bool
+    legal_basis: LegalBasis
+    since: str
+    expires_at: str | None
+    notice: NoticePublic
+
+
+class ReceiptHistoryPublic(_Out):
+    """One history event on a receipt."""
+
+    purpose: Purpose
+    event: ConsentStatus
+    legal_basis: LegalBasis
+    occurred_at: str
+    expires_at: str | None
+    actor: str
+    channel: Channel
+    collection_method: CollectionMethod
+    notice: NoticePublic
+    audit_index: int
+    recorded_at: str
+
+
+class ReceiptPublic(_Out):
+    """The JSON consent receipt handed to the customer."""
+
+    receipt_version: int
+    issued_at: str
+    record_id: str
+    branch: str
+    customer_id: str
+    erased: bool
+    purposes: list[ReceiptPurposePublic]
+    history: list[ReceiptHistoryPublic]
+    audit: ReceiptAuditPublic
+    withdrawal: str
+
+    @classmethod
+    def from_domain(cls, receipt: dict[str, Any]) -> ReceiptPublic:
+        """Build from :meth:`fedcrm.compliance.ConsentRegistry.receipt` output."""
+        return cls.model_validate(receipt)
+
+
+# -- ledger -------------------------------------------------------------------------------
+
+
+class LedgerEntryPublic(_Out):
+    """One privacy-ledger decision (issue 3 columns)."""
+
+    id: int
+    run_id: str
+    round: int
+    branch: str
+    model: str
+    purpose: str
+    privacy_unit: str
+    neighbouring_relation: str
+    mechanism: str
+    noise_multiplier: float
+    clipping_norm: float
+    sampling_rate: float
+    sampling_method: str
+    steps: int
+    delta: float
+    accountant: str
+    library_version: str
+    epsilon: float
+    cumulative_epsilon: float
+    epsilon_budget: float | None
+    decision: Decision
+    reason: str | None
+    recorded_at: datetime
+
+    @classmethod
+    def from_domain(cls, entry: LedgerEntry) -> LedgerEntryPublic:
+        """Build from the domain object."""
+        return cls.model_validate(entry.to_json())
+
+
+class LedgerTotalPublic(_Out):
+    """The cumulative ε of one (branch, model, purpose)."""
+
+    branch: str
+    model: str
+    purpose: str
+    cumulative_epsilon: float
+    updated_at: datetime
+
+    @classmethod
+    def from_domain(cls, total: LedgerTotal) -> LedgerTotalPublic:
+        """Build from the domain object."""
+        return cls(
+            branch=total.branch,
+            model=total.model,
+            purpose=total.purpose,
+            cumulative_epsilon=total.cumulative_epsilon,
+            updated_at=total.updated_at,
+        )
+
+
+class BurnDownPointPublic(_Out):
+    """The cumulative ε after one admitted round."""
+
+    run_id: str
+    round: int
+    cumulative_epsilon: float
+    recorded_at: datetime
+
+
+class BurnDownPublic(_Out):
+    """ε burn-down of one (branch, model, purpose) against its budget."""
+
+    branch: str
+    model: str
+    purpose: str
+    budget: float | None
+    spent: float
+    remaining: float | None
+    refusals: int
+    points: list[BurnDownPointPublic]
+
+
+# -- audit --------------------------------------------------------------------------------
+
+
+class CheckpointPublic(ReceiptCheckpointPublic):
+    """A signed checkpoint (RFC 9162 §4.10 tree head with an Ed25519 signature)."""
+
+
+class AuditStatusPublic(_Out):
+    """The audit log's state and the result of verifying it now."""
+
+    tree_size: int
+    root_hash: str
+    latest_checkpoint: CheckpointPublic | None
+    entries_since_checkpoint: int
+    verified: bool
+    verified_at: datetime
+    issues: list[str]
+    warnings: list[str]
+
+
+class InclusionProofPublic(_Out):
+    """Inclusion proof of one entry (RFC 9162 §2.1.3)."""
+
+    leaf_index: int
+    tree_size: int
+    leaf_hash: str
+    inclusion_path: list[str]
+    root_hash: str
+
+    @classmethod
+    def from_domain(cls, proof: InclusionProof, root: bytes) -> InclusionProofPublic:
+        """Build from the domain object and the root it verifies against."""
+        return cls.model_validate({**proof.to_json(), "root_hash": root.hex()})
+
+
+class ConsistencyProofPublic(_Out):
+    """Consistency proof between two tree sizes (RFC 9162 §2.1.4)."""
+
+    first: int
+    second: int
+    consistency_path: list[str]
+    first_root_hash: str
+    second_root_hash: str
+
+    @classmethod
+    def from_domain(
+        cls, proof: ConsistencyProof, first_root: bytes, second_root: bytes
+    ) -> ConsistencyProofPublic:
+        """Build from the domain object and both roots."""
+        return cls.model_validate(
+            {
+                **proof.to_json(),
+                "first_root_hash": first_root.hex(),
+                "second_root_hash": second_root.hex(),
+            }
+        )
+
+
+# -- records of processing (Art. 30) ------------------------------------------------------
+
+
+class RopaRecordPublic(_Out):
+    """One record of processing (Art. 30(1)(b)-(g)) for one purpose."""
+
+    purpose: Purpose
+    description: str
+    legal_basis: LegalBasis
+    data_subjects: list[str]
+    data_categories: list[str]
+    recipients: list[str]
+    third_country_transfers: str
+    retention: str
+    branches: list[str]
+    dp_targets: list[dict[str, Any]]
+
+    @classmethod
+    def from_config(
+        cls, activity: ProcessingActivity, branches: list[str], security: SecurityMeasures
+    ) -> RopaRecordPublic:
+        """Build from the configured activity, the known branches and the security measures."""
+        return cls(
+            purpose=activity.purpose,
+            description=activity.description,
+            legal_basis=activity.legal_basis,
+            data_subjects=list(activity.data_subjects),
+            data_categories=list(activity.data_categories),
+            recipients=list(activity.recipients),
+            third_country_transfers=activity.third_country_transfers,
+            retention=activity.retention,
+            branches=branches,
+            dp_targets=[
+                target.model_dump(mode="json")
+                for target in security.dp_targets
+                if target.purpose == activity.purpose
+            ],
+        )
+
+
+class RopaPublic(_Out):
+    """Records of processing activities (GDPR Art. 30(1)), generated from the configuration."""
+
+    generated_at: datetime
+    controller: Controller
+    branches: list[str]
+    records: list[RopaRecordPublic]
+    security: SecurityMeasures
+
+
+# -- auth and errors ----------------------------------------------------------------------
+
+
+class PrincipalPublic(_Out):
+    """Who the API key belongs to."""
+
+    key_id: str
+    role: Role
+    branch: str | None
+
+    @classmethod
+    def from_domain(cls, principal: Principal) -> PrincipalPublic:
+        """Build from the domain object."""
+        return cls(key_id=principal.key_id, role=principal.role, branch=principal.branch)
+
+
+class ImportRowErrorPublic(_Out):
+    """One rejected CSV row."""
+
+    line: int
+    reason: str
+
+
+class ErrorPublic(_Out):
+    """An error: a message, and every problem found where there are several."""
+
+    detail: str
+    problems: list[str] = []
+    errors: list[ImportRowErrorPublic] = []
