@@ -1,0 +1,176 @@
+"""Matrix factorisation with item bias, split into a branch-local user part and a shared item part.
+
+Score of user ``u`` for item ``i``: ``p_u · q_i + b_i`` (Koren et al. 2009; trained on implicit
+feedback as in He et al. 2017, "Neural Collaborative Filtering", arXiv:1708.05031, and Rendle et
+al. 2009, "BPR", arXiv:1205.2618). In the federated setting of Ammad-ud-din et al. 2019
+("Federated Collaborative Filtering", arXiv:1901.09888) the user factors ``p_u`` are private to
+the branch that holds the user, and only the item factors ``q`` and biases ``b`` are aggregated.
+
+The model enforces that split structurally: user factors live in `UserTower` (``model.users``),
+everything aggregated lives in `ItemTower` (``model.items``), and `shared_state` /
+`load_shared_state` only ever read or write ``model.items``.
+"""
+
+from collections.abc import Mapping
+from typing import Final
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from fedcrm.exceptions import ConfigError
+
+SHARED_PREFIX: Final = "items."
+"""Prefix of every key of `shared_state` (parameters of ``model.items``)."""
+LOCAL_PREFIX: Final = "users."
+"""Prefix of every key of `local_state` (parameters of ``model.users``)."""
+INIT_STD: Final = 0.01
+"""Standard deviation of the normal initialisation of the factors (He et al. 2017)."""
+
+
+class UserTower(nn.Module):
+    """The branch-local part: one factor vector per user of the branch. Never leaves the branch."""
+
+    def __init__(self, n_users: int, factors: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_users, factors)
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        """Return the factors of ``users``, shape ``(batch, factors)``."""
+        out: torch.Tensor = self.embedding(users)
+        return out
+
+
+class ItemTower(nn.Module):
+    """The shared part: item factors and item biases, aggregated across branches."""
+
+    def __init__(self, n_items: int, factors: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_items, factors)
+        self.bias = nn.Embedding(n_items, 1)
+
+    def forward(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the factors ``(batch, factors)`` and biases ``(batch,)`` of ``items``."""
+        factors: torch.Tensor = self.embedding(items)
+        bias: torch.Tensor = self.bias(items).squeeze(-1)
+        return factors, bias
+
+
+class MatrixFactorisation(nn.Module):
+    """Matrix factorisation with item bias for implicit feedback.
+
+    Args:
+        n_users: Number of users whose factors this model holds (a branch's own users, or all
+            users in a pooled baseline).
+        n_items: Size of the shared item catalogue.
+        factors: Latent dimension.
+        seed: Seed of the initialisation. Item factors depend only on ``(n_items, factors,
+            seed)``, so every branch and the server start from the same shared state.
+
+    Raises:
+        ConfigError: A size is not positive.
+    """
+
+    def __init__(self, n_users: int, n_items: int, factors: int = 32, *, seed: int = 0) -> None:
+        if n_users < 1 or n_items < 1 or factors < 1:
+            raise ConfigError(
+                f"n_users, n_items and factors must be >= 1, got {n_users}, {n_items}, {factors}"
+            )
+        super().__init__()
+        self.n_users = n_users
+        self.n_items = n_items
+        self.factors = factors
+        self.users = UserTower(n_users, factors)
+        self.items = ItemTower(n_items, factors)
+        item_gen = torch.Generator().manual_seed(seed)
+        nn.init.normal_(self.items.embedding.weight, std=INIT_STD, generator=item_gen)
+        nn.init.zeros_(self.items.bias.weight)
+        user_gen = torch.Generator().manual_seed(seed + 1)
+        nn.init.normal_(self.users.embedding.weight, std=INIT_STD, generator=user_gen)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Return the logits of the ``(users[j], items[j])`` pairs, shape ``(batch,)``."""
+        p = self.users(users)
+        q, b = self.items(items)
+        out: torch.Tensor = (p * q).sum(dim=-1) + b
+        return out
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Return the logits of ``users`` for every catalogue item, shape ``(batch, n_items)``."""
+        p = self.users(users)
+        out: torch.Tensor = p @ self.items.embedding.weight.T + self.items.bias.weight.T
+        return out
+
+
+def _to_numpy(module: nn.Module, prefix: str) -> dict[str, NDArray[np.float32]]:
+    return {
+        f"{prefix}{name}": tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        for name, tensor in module.state_dict().items()
+    }
+
+
+def _load(module: nn.Module, prefix: str, arrays: Mapping[str, NDArray[np.floating]]) -> None:
+    expected = module.state_dict()
+    wanted = {f"{prefix}{name}" for name in expected}
+    missing = sorted(wanted - arrays.keys())
+    unexpected = sorted(set(arrays) - wanted)
+    if missing or unexpected:
+        raise ConfigError(f"state keys do not match: missing {missing}, unexpected {unexpected}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, current in expected.items():
+        array = np.asarray(arrays[f"{prefix}{name}"])
+        if tuple(array.shape) != tuple(current.shape):
+            raise ConfigError(
+                f"{prefix}{name} has shape {array.shape}, the model needs {tuple(current.shape)}"
+            )
+        if not np.isfinite(array).all():
+            raise ConfigError(f"{prefix}{name} holds non-finite values")
+        tensors[name] = torch.from_numpy(array.astype(np.float32, copy=True))
+    module.load_state_dict(tensors)
+
+
+def shared_state(model: MatrixFactorisation) -> dict[str, NDArray[np.float32]]:
+    """Return the aggregated parameters (item factors and biases) as float32 copies.
+
+    Only ``model.items`` is read, so user factors cannot appear here whatever the model holds.
+    Keys start with `SHARED_PREFIX`; the order is stable.
+
+    Notes:
+        User factors are personal data about a branch's customers (Ammad-ud-din et al. 2019):
+        they stay in the branch, kept between rounds with `local_state`.
+    """
+    return _to_numpy(model.items, SHARED_PREFIX)
+
+
+def load_shared_state(
+    model: MatrixFactorisation, arrays: Mapping[str, NDArray[np.floating]]
+) -> None:
+    """Overwrite the item factors and biases from ``arrays`` (as produced by `shared_state`).
+
+    User factors are left untouched.
+
+    Raises:
+        ConfigError: Keys, shapes or values do not match the model (all of the key mismatches
+            are listed); nothing is loaded then.
+    """
+    _load(model.items, SHARED_PREFIX, arrays)
+
+
+def local_state(model: MatrixFactorisation) -> dict[str, NDArray[np.float32]]:
+    """Return the branch-local user factors, to keep on the branch between rounds.
+
+    Store this in the node's own state (Flower ``Context.state``), never in a message.
+    """
+    return _to_numpy(model.users, LOCAL_PREFIX)
+
+
+def load_local_state(
+    model: MatrixFactorisation, arrays: Mapping[str, NDArray[np.floating]]
+) -> None:
+    """Restore the user factors saved with `local_state`.
+
+    Raises:
+        ConfigError: Keys, shapes or values do not match the model.
+    """
+    _load(model.users, LOCAL_PREFIX, arrays)

@@ -1,0 +1,147 @@
+"""The recommender keeps user factors out of its shared state."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from fedcrm.exceptions import ConfigError
+from fedcrm.models.recommender import (
+    LOCAL_PREFIX,
+    SHARED_PREFIX,
+    MatrixFactorisation,
+    load_local_state,
+    load_shared_state,
+    local_state,
+    shared_state,
+)
+
+N_ITEMS, FACTORS = 50, 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread
+    # barriers dominate; one thread keeps these tests fast and their timing stable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def serialised_size(arrays: dict[str, np.ndarray]) -> int:
+    buffer = io.BytesIO()
+    np.savez(buffer, *arrays.values())
+    return buffer.getbuffer().nbytes
+
+
+def test_shared_state_holds_only_item_parameters():
+    model = MatrixFactorisation(30, N_ITEMS, FACTORS, seed=0)
+    state = shared_state(model)
+    assert sorted(state) == ["items.bias.weight", "items.embedding.weight"]
+    assert all(key.startswith(SHARED_PREFIX) and "user" not in key for key in state)
+    assert state["items.embedding.weight"].shape == (N_ITEMS, FACTORS)
+    assert state["items.bias.weight"].shape == (N_ITEMS, 1)
+    user_table = model.users.embedding.weight.detach().numpy()
+    for array in state.values():
+        assert array.shape[0] != user_table.shape[0]
+        assert not np.isin(user_table.ravel(), array.ravel()).any()
+
+
+@pytest.mark.parametrize("n_users", [1, 30, 5_000], ids=["one-user", "small", "large"])
+def test_shared_state_size_does_not_depend_on_users(n_users):
+    model = MatrixFactorisation(n_users, N_ITEMS, FACTORS, seed=0)
+    size = serialised_size(shared_state(model))
+    user_table_bytes = n_users * FACTORS * 4
+    item_bytes = N_ITEMS * (FACTORS + 1) * 4
+    assert item_bytes <= size < item_bytes + 1_024  # the item part plus npz headers only
+    assert size == serialised_size(shared_state(MatrixFactorisation(7, N_ITEMS, FACTORS, seed=0)))
+    if n_users == 5_000:
+        assert size < user_table_bytes  # the large user table would dominate were it included
+
+
+def test_item_initialisation_is_shared_across_branches_of_any_size():
+    small = MatrixFactorisation(3, N_ITEMS, FACTORS, seed=11)
+    large = MatrixFactorisation(300, N_ITEMS, FACTORS, seed=11)
+    for key, array in shared_state(small).items():
+        np.testing.assert_array_equal(array, shared_state(large)[key])
+
+
+def test_load_shared_state_replaces_items_and_keeps_users():
+    source = MatrixFactorisation(10, N_ITEMS, FACTORS, seed=1)
+    target = MatrixFactorisation(20, N_ITEMS, FACTORS, seed=2)
+    users_before = target.users.embedding.weight.detach().clone()
+    load_shared_state(target, shared_state(source))
+    for key, array in shared_state(source).items():
+        np.testing.assert_array_equal(shared_state(target)[key], array)
+    assert torch.equal(target.users.embedding.weight, users_before)
+
+
+def test_shared_state_is_a_copy():
+    model = MatrixFactorisation(4, N_ITEMS, FACTORS, seed=0)
+    state = shared_state(model)
+    state["items.embedding.weight"][:] = 42.0
+    assert not torch.any(model.items.embedding.weight == 42.0)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s.pop("items.bias.weight"), "missing"),
+        (
+            lambda s: s.update({"users.embedding.weight": np.zeros((4, FACTORS), np.float32)}),
+            "unexpected",
+        ),
+        (
+            lambda s: s.update({"items.bias.weight": np.zeros((N_ITEMS + 1, 1), np.float32)}),
+            "shape",
+        ),
+        (
+            lambda s: s.update({"items.bias.weight": np.full((N_ITEMS, 1), np.nan, np.float32)}),
+            "non-finite",
+        ),
+    ],
+    ids=["missing-key", "user-key-smuggled-in", "wrong-shape", "nan"],
+)
+def test_load_shared_state_rejects_mismatches(mutate, message):
+    model = MatrixFactorisation(4, N_ITEMS, FACTORS, seed=0)
+    state = shared_state(model)
+    mutate(state)
+    before = shared_state(model)
+    with pytest.raises(ConfigError, match=message):
+        load_shared_state(model, state)
+    for key, array in shared_state(model).items():
+        np.testing.assert_array_equal(array, before[key])
+
+
+def test_local_state_round_trip_keeps_users_on_the_branch():
+    model = MatrixFactorisation(6, N_ITEMS, FACTORS, seed=0)
+    saved = local_state(model)
+    assert list(saved) == ["users.embedding.weight"]
+    assert all(key.startswith(LOCAL_PREFIX) for key in saved)
+    fresh = MatrixFactorisation(6, N_ITEMS, FACTORS, seed=5)
+    load_local_state(fresh, saved)
+    assert torch.equal(fresh.users.embedding.weight, model.users.embedding.weight)
+    with pytest.raises(ConfigError, match="shape"):
+        load_local_state(MatrixFactorisation(7, N_ITEMS, FACTORS), saved)
+
+
+def test_scores_match_the_factorisation():
+    model = MatrixFactorisation(3, N_ITEMS, FACTORS, seed=0)
+    with torch.no_grad():
+        model.items.bias.weight.normal_()
+        users = torch.tensor([0, 2])
+        all_scores = model.score_all(users)
+        pairs = model(torch.tensor([0, 2]), torch.tensor([5, 49]))
+        p = model.users.embedding.weight
+        q = model.items.embedding.weight
+        b = model.items.bias.weight[:, 0]
+    assert all_scores.shape == (2, N_ITEMS)
+    torch.testing.assert_close(pairs, torch.stack([all_scores[0, 5], all_scores[1, 49]]))
+    torch.testing.assert_close(all_scores[1, 7], p[2] @ q[7] + b[7])
+
+
+def test_invalid_sizes():
+    with pytest.raises(ConfigError, match=">= 1"):
+        MatrixFactorisation(0, N_ITEMS)
