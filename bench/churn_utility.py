@@ -44,7 +44,8 @@ def main() -> None:
         best = max(central, key=lambda name: central[name])
         rows.append((cfg.name, cfg.dataset, fed, best, central[best], central, seconds, run_dir))
 
-    print(f"{'experiment':18} {'federated':>9} {'best centralised':>32} {'gap':>8} {'fed/best':>8} {'wall s':>7}")
+    header = ("experiment", "federated", "best centralised", "gap", "fed/best", "wall s")
+    print("{:18} {:>9} {:>32} {:>8} {:>8} {:>7}".format(*header))
     for name, dataset, fed, best, best_auc, central, seconds, _ in rows:
         print(
             f"{name:18} {fed:9.4f} {best + ' ' + format(best_auc, '.4f'):>32} "

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedcrm.compliance.audit.cli import app as audit_app
+from fedcrm.compliance.cli import app as compliance_app
 from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy.keys import app as keys_app
 
@@ -29,9 +30,18 @@ data_app = typer.Typer(help="Check and generate branch CRM exports.", no_args_is
 app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit", help="Export and verify the tamper-evident audit log.")
 app.add_typer(keys_app, name="keys", help="CKKS key authority: create and rotate HE keys.")
+app.add_typer(
+    compliance_app,
+    name="compliance",
+    help="Compliance officer's service: consent, ledger, audit log, Art. 30 records.",
+)
+ledger_app = typer.Typer(help="Read the privacy ledger.", no_args_is_help=True)
+app.add_typer(
+    ledger_app, name="ledger", help="Privacy ledger: cumulative epsilon per branch, every round."
+)
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -174,6 +184,8 @@ def demo(
 ) -> None:
     """The main job: federated churn on real data (MLC by state, Telco by Dirichlet skew)."""
     configs = [EXAMPLES / "mlc_by_state.toml", EXAMPLES / "telco_dirichlet.toml"]
+    # Record-level DP (customer-level: one row per customer), epsilon 3 per branch.
+    configs.append(EXAMPLES / "telco_dirichlet_dp.toml")
     try:
         run_dirs = [_run_one(c, runs_dir) for c in configs]
     except FedCrmError as exc:
@@ -182,6 +194,93 @@ def demo(
     console.print(_summary_table(run_dirs))
     for d in run_dirs:
         console.print(f"report: {d / 'report.md'}")
+    for d in run_dirs:
+        if (d / "ledger.db").is_file():
+            privacy = json.loads((d / "summary.json").read_text()).get("privacy", {})
+            console.print(
+                f"{d.name}: record-level DP ({privacy.get('unit_note', '')}); largest "
+                f"epsilon {privacy.get('epsilon_max', float('nan')):.3f} per branch, delta "
+                f"{privacy.get('delta_rule', '?')}, {privacy.get('accountant', '?')} accountant"
+            )
+            ledger_show(db=str(d / "ledger.db"), run=None, branch=None, rounds=False)
+
+
+@ledger_app.command("show")
+def ledger_show(
+    db: Annotated[
+        str,
+        typer.Option(
+            help="Ledger database: a SQLite file (a run's ledger.db) or a SQLAlchemy URL."
+        ),
+    ] = "fedcrm-ledger.db",
+    run: Annotated[str | None, typer.Option(help="Only this run id.")] = None,
+    branch: Annotated[str | None, typer.Option(help="Only this branch.")] = None,
+    rounds: Annotated[
+        bool, typer.Option("--rounds/--no-rounds", help="Also print the per-round table.")
+    ] = True,
+) -> None:
+    """Print the cumulative epsilon per branch and every round's privacy decision."""
+    from fedcrm.compliance import LedgerEntry, PrivacyLedger, open_store, sqlite_url
+
+    if "://" in db:
+        url = db
+    elif Path(db).is_file():
+        url = sqlite_url(db)
+    else:
+        err.print(f"[red]error:[/red] no ledger at {db} (pass --db PATH or a URL)")
+        raise typer.Exit(2)
+    try:
+        ledger = PrivacyLedger(open_store(url, migrate=False))
+        entries = ledger.entries(run_id=run, branch=branch)
+    except FedCrmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not entries:
+        console.print("the ledger holds no entry for this selection")
+        return
+    per_scope: dict[tuple[str, str, str], list[LedgerEntry]] = {}
+    for e in entries:
+        per_scope.setdefault((e.branch, e.model, e.purpose), []).append(e)
+    scope = f"run {run}" if run else "all runs"
+    totals = Table(title=f"Cumulative ε per branch ({scope}; ε at the stated δ)")
+    for col in ("branch", "model", "purpose", "cumulative ε", "δ", "unit", "admitted", "refused"):
+        totals.add_column(col, justify="left" if col in ("branch", "model", "purpose") else "right")
+    for (name, model, purpose), rows in sorted(per_scope.items()):
+        last = rows[-1]
+        totals.add_row(
+            name,
+            model,
+            purpose,
+            f"{max(e.cumulative_epsilon for e in rows):.4f}",
+            f"{last.delta:.2e}",
+            str(last.privacy_unit),
+            str(sum(e.decision == "admitted" for e in rows)),
+            str(sum(e.decision == "refused" for e in rows)),
+        )
+    console.print(totals)
+    if not rounds:
+        return
+    table = Table(title="Privacy decisions, round by round")
+    columns = ("run", "round", "branch", "decision", "ε round", "cumulative ε", "δ", "σ", "q")
+    for col in (*columns, "steps", "accountant", "reason"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        refused = e.decision == "refused"
+        table.add_row(
+            e.run_id,
+            str(e.round),
+            e.branch,
+            f"[red]{e.decision}[/red]" if refused else str(e.decision),
+            f"{e.epsilon:.4f}",
+            f"{e.cumulative_epsilon:.4f}",
+            f"{e.delta:.2e}",
+            f"{e.noise_multiplier:.3f}",
+            f"{e.sampling_rate:.4f}",
+            str(e.steps),
+            f"{e.accountant} ({e.library_version})",
+            (e.reason or "") if refused else "",
+        )
+    console.print(table)
 
 
 def main() -> None:

@@ -58,6 +58,13 @@ def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.IPv6Address(words)
 
 
+def _is_loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address.is_loopback
+
+
 def listening_sockets_of_tree(root: int) -> list[tuple[int, str]]:
     """(pid, address) of every listening TCP socket owned by ``root`` or its descendants."""
     inodes = _socket_inodes(_descendants(root))
@@ -156,9 +163,5 @@ def test_nothing_listens_beyond_loopback(run: dict[str, object]) -> None:
     sockets = run["sockets"]
     assert isinstance(sockets, list)
     assert sockets, "the sampler saw no listening socket at all: Ray did not run?"
-    outside = [
-        (pid, addr)
-        for pid, addr in sockets
-        if not ipaddress.ip_address(addr.rsplit(":", 1)[0]).is_loopback
-    ]
+    outside = [(pid, addr) for pid, addr in sockets if not _is_loopback(addr.rsplit(":", 1)[0])]
     assert outside == [], f"sockets listening beyond loopback: {sorted(set(outside))}"

@@ -3,27 +3,44 @@
 Settings come from the server's message (schema, seed, optimiser, shared scaler); where the
 branch's data lives comes from its own node config (``data-path``, ``key-path``), or, in a
 simulation, from the branch directory for its ``partition-id``.
+
+In a DP run (the train message carries ``dp-target-epsilon``) the branch trains with
+record-level DP-SGD under its own enforced budget (`fedcrm.client.dp_round`); its accountants
+live in ``privacy-dir`` (node config; default ``privacy/`` beside the data, or in the simulated
+branch's folder). A round over budget is answered with a refusal report and no parameters.
 """
 
+import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedcrm import constants as k
-from fedcrm.client import branch
+from fedcrm.client import branch, dp_round
 from fedcrm.data.preprocess import Scaler
 from fedcrm.data.schema import ChurnSchema, get_schema
 from fedcrm.data.split import Split
-from fedcrm.exceptions import ConfigError
+from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.models.churn import TrainSettings
+from fedcrm.privacy.accounting import NoisePlan
+from fedcrm.privacy.config import DPConfig
+from fedcrm.privacy.federated import FederatedDPConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +70,35 @@ def resolve_data(context: Context, branches_root: Path | None) -> branch.BranchD
     )
 
 
+DP_ERROR_CODE = 4301
+"""Error code of a DP round that could not be set up (bad settings, corrupted accountant)."""
+_PLAN_STATE = "dp-plan"
+
+
+def resolve_privacy(
+    context: Context, branches_root: Path | None, data: branch.BranchData
+) -> dp_round.BranchDPContext:
+    """Where this branch keeps its accountants, and its name in the privacy ledger.
+
+    Deployment: ``privacy-dir`` and ``branch-name`` from the node config (defaults:
+    ``privacy/`` beside the export, ``node-<id>``). Simulation: the branch's folder and the
+    name in its ``branch.json``.
+    """
+    node = context.node_config
+    folder = data.export.parent
+    name = f"node-{context.node_id}"
+    if k.NODE_DATA_PATH not in node and branches_root is not None:
+        name = folder.name
+        info = folder / "branch.json"
+        if info.is_file():
+            name = str(json.loads(info.read_text(encoding="utf-8")).get("name", name))
+    if k.NODE_BRANCH_NAME in node:
+        name = str(node[k.NODE_BRANCH_NAME])
+    privacy_dir = Path(str(node.get(k.NODE_PRIVACY_DIR, folder / "privacy")))
+    key = data.key_path.read_bytes() if data.key_path is not None else None
+    return dp_round.BranchDPContext(privacy_dir, name, dp_round.accountant_key(key))
+
+
 @dataclass(frozen=True)
 class RoundSettings:
     """The server's instructions for this round, read once from the message's ConfigRecord."""
@@ -62,6 +108,9 @@ class RoundSettings:
     server_round: int
     scaler: Scaler | None
     train: TrainSettings
+    num_rounds: int = 1
+    dp: FederatedDPConfig | None = None
+    """Record-level DP settings of the run; ``None`` in a run without DP."""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "RoundSettings":
@@ -86,6 +135,8 @@ class RoundSettings:
                 np.asarray(config[k.KEY_SCALER_STD], dtype=np.float64),
             )
         return cls(
+            num_rounds=get(k.KEY_NUM_ROUNDS, int, 1),
+            dp=FederatedDPConfig.from_run_config(config),
             schema=get_schema(get(k.KEY_SCHEMA, str)),
             seed=get(k.KEY_SEED, int, 42),
             server_round=get(k.KEY_SERVER_ROUND, int, 0),
@@ -134,11 +185,96 @@ def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = 
         record = MetricRecord({k.KEY_MOMENTS: values, k.KEY_NUM_EXAMPLES: len(split.train)})
         return Message(RecordDict({k.METRICS: record}), reply_to=msg)
 
+    def plan(
+        context: Context, dp: FederatedDPConfig, settings: RoundSettings, num_rows: int
+    ) -> tuple[DPConfig, NoisePlan]:
+        """Plan the noise once per federation; cached in the node's context state."""
+        fingerprint = json.dumps(
+            [
+                dp.to_run_config(include_ledger=False),
+                num_rows,
+                settings.train.batch_size,
+                settings.train.epochs,
+                settings.num_rounds,
+            ],
+            sort_keys=True,
+        )
+        cached = context.state.config_records.get(_PLAN_STATE)
+        if cached is not None and cached.get("fingerprint") == fingerprint:
+            config = dp.for_branch(
+                num_rows=num_rows,
+                batch_size=settings.train.batch_size,
+                local_epochs=settings.train.epochs,
+                rounds=settings.num_rounds,
+            )
+            return config, NoisePlan(**json.loads(str(cached["plan"])))
+        config, noise = dp_round.plan_branch(
+            dp, num_rows=num_rows, settings=settings.train, rounds=settings.num_rounds
+        )
+        context.state.config_records[_PLAN_STATE] = ConfigRecord(
+            {"fingerprint": fingerprint, "plan": json.dumps(asdict(noise))}
+        )
+        logger.info(
+            "DP noise planned for %d rounds: sigma %.4f, q %.5f, %d steps/round, epsilon %.4f",
+            settings.num_rounds,
+            noise.noise_multiplier,
+            noise.sample_rate,
+            noise.steps_per_round,
+            noise.planned_epsilon,
+        )
+        return config, noise
+
+    def train_private(
+        msg: Message, context: Context, settings: RoundSettings, split: Split
+    ) -> Message:
+        dp = settings.dp
+        if dp is None:  # pragma: no cover - guarded by the caller
+            raise ConfigError("not a DP run")
+        data = resolve_data(context, branches_root)
+        try:
+            config, noise = plan(context, dp, settings, len(split.train))
+            out = dp_round.private_round(
+                split,
+                settings.schema,
+                settings.require_scaler(),
+                msg.content.array_records[k.ARRAYS].to_torch_state_dict(),
+                settings.train,
+                dp=dp,
+                config=config,
+                plan=noise,
+                where=resolve_privacy(context, branches_root, data),
+            )
+        except FedCrmError as exc:
+            logger.error("DP round could not run: %s", exc)
+            error = Error(code=DP_ERROR_CODE, reason=f"DP round not run: {exc}")
+            return Message(error, reply_to=msg)
+        report = out.report
+        privacy = ConfigRecord(report.to_record())  # type: ignore[arg-type]
+        if out.state_dict is None:  # refused: no training happened, no parameters leave
+            return Message(RecordDict({k.PRIVACY: privacy}), reply_to=msg)
+        metrics = MetricRecord(
+            {
+                k.KEY_NUM_EXAMPLES: out.num_examples,
+                k.KEY_DP_EPSILON_ROUND: report.epsilon_round,
+                k.KEY_DP_EPSILON: report.epsilon,
+                k.KEY_DP_SIGMA: report.noise_multiplier,
+                k.KEY_DP_SAMPLE_RATE: report.sample_rate,
+                k.KEY_DP_STEPS: report.steps,
+                k.KEY_DP_DELTA_USED: report.delta,
+            }
+        )
+        content = RecordDict(
+            {k.ARRAYS: ArrayRecord(out.state_dict), k.METRICS: metrics, k.PRIVACY: privacy}
+        )
+        return Message(content, reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings, split = prepare(msg, context)
         # A different shuffling seed per round and branch, reproducible from the run seed.
         seed = settings.seed + 1000 * settings.server_round + context.node_id % 1000
+        if settings.dp is not None:
+            return train_private(msg, context, settings, split)
         global_state = msg.content.array_records[k.ARRAYS].to_torch_state_dict()
         out = branch.train(
             split,

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedcrm.data.check import coerce_frame, read_export
 from fedcrm.data.loaders import load_branch_export
@@ -20,6 +22,9 @@ from fedcrm.data.schema import ChurnSchema
 from fedcrm.data.split import Split, split_frame
 from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba, train_local
 from fedcrm.models.metrics import ScoreHistogram, log_loss_sum
+from fedcrm.privacy.accounting import AccountingEvent, NoisePlan
+from fedcrm.privacy.config import DPConfig
+from fedcrm.privacy.dp_sgd import make_private
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,90 @@ def train(
     model = model_from_state(global_state)
     loss = train_local(model, x, y, settings, seed=seed, global_state=global_state)
     return TrainOutcome(model.state_dict(), len(y), loss)
+
+
+@dataclass(frozen=True)
+class PrivateTrainOutcome:
+    """The branch's new parameters after a DP-SGD round, and the steps it took.
+
+    No training loss: it is computed from the private rows outside the DP mechanism, so it is
+    never released.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    num_examples: int
+    event: AccountingEvent | None
+    """The steps actually taken, for the branch's accountant (``None``: no step)."""
+
+
+def train_private(
+    split: Split,
+    schema: ChurnSchema,
+    scaler: Scaler,
+    global_state: dict[str, torch.Tensor],
+    settings: TrainSettings,
+    *,
+    dp: DPConfig,
+    plan: NoisePlan,
+    seed: int | None = None,
+) -> PrivateTrainOutcome:
+    """Train the global model on the branch's training rows with record-level DP-SGD.
+
+    DP-SGD (Abadi et al. 2016, arXiv:1607.00133) through :func:`fedcrm.privacy.dp_sgd.make_private`:
+    Poisson batches at rate ``plan.sample_rate``, per-example clipping to ``dp.max_grad_norm``,
+    Gaussian noise ``plan.noise_multiplier * C``, at most ``plan.steps_per_round`` steps (the
+    number the budget check admitted). The local optimiser (SGD with momentum or Adam) only
+    post-processes the noisy gradients. FedProx's proximal term is not applied (its gradient
+    is not per-example clipped); the federation config refuses FedProx with DP.
+
+    Args:
+        split: The branch's rows.
+        schema: Declared schema.
+        scaler: The federated scaler.
+        global_state: The global model.
+        settings: Local optimisation settings (epochs, batch size, lr, optimiser).
+        dp: The branch's DP configuration (its batch size must equal ``settings.batch_size``).
+        plan: The noise planned once for the federation.
+        seed: Noise and sampling seed for reproducible experiments; ``None`` (deployment)
+            seeds from the OS CSPRNG.
+    """
+    x, y = encode(split.train, schema, scaler)
+    model = model_from_state(global_state)
+    optimizer: torch.optim.Optimizer
+    if settings.optimizer == "adam":
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+        )
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=dp.batch_size
+    )
+    model.train()
+    with make_private(
+        model,
+        optimizer,
+        loader,
+        criterion=nn.BCEWithLogitsLoss(),
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=dp.poisson_sampling,
+        grad_sample_mode=dp.grad_sample_mode,
+        max_steps=plan.steps_per_round,
+        seed=seed,
+    ) as private:
+        for _ in range(dp.local_epochs):
+            private.train_epoch()
+        event = private.event()
+        trained = private.close()
+    return PrivateTrainOutcome(
+        {name: t.detach().clone() for name, t in trained.state_dict().items()}, len(y), event
+    )
 
 
 @dataclass(frozen=True)

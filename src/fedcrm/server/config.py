@@ -33,11 +33,14 @@ class FederationConfig:
     server_lr: float = 0.01
     seed: int = 42
     round_timeout: float = 600.0
+    min_train_nodes: int = 2
+    """Fewest admitted branch updates a round needs; when privacy budgets refuse more branches
+    than that leaves, the run stops (capped at the number of connected branches)."""
 
     def __post_init__(self) -> None:
         if self.schema not in SCHEMAS:
             raise ConfigError(f"schema must be one of {sorted(SCHEMAS)}, got {self.schema!r}")
-        for name in ("num_rounds", "local_epochs", "batch_size"):
+        for name in ("num_rounds", "local_epochs", "batch_size", "min_train_nodes"):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"

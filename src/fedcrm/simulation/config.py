@@ -12,6 +12,10 @@ Example (``examples/mlc_by_state.toml``)::
     [federation]
     num-rounds = 30
     strategy = "fedavg"
+
+    [dp]                      # optional: record-level DP-SGD on every branch
+    target-epsilon = 3.0      # per branch, after all planned rounds
+    max-grad-norm = 1.0       # delta defaults to 1/n per branch (n = its training rows)
 """
 
 import tomllib
@@ -23,7 +27,12 @@ from typing import Any
 from fedcrm.data.partition import PartitionKind
 from fedcrm.data.schema import SCHEMAS
 from fedcrm.exceptions import ConfigError
+from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_RUN_CONFIG_KEYS
+from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.server.config import FederationConfig
+from fedcrm.strategies.factory import StrategyName
+from fedcrm.strategies.guardrails import AggregationMode, RobustAggregator, check_combination
+from fedcrm.strategies.robust import RobustConfig
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -48,6 +57,45 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
+class AggregationConfig:
+    """How the server aggregates (the ``[aggregation]`` table).
+
+    ``mode = "he"`` sums CKKS ciphertexts (keys created in the run directory);
+    ``robust`` picks a Byzantine-robust aggregator for plaintext mode. Refused combinations
+    are explained by `fedcrm.strategies.guardrails.check_combination`.
+    """
+
+    mode: AggregationMode = AggregationMode.PLAIN
+    robust: RobustConfig = field(default_factory=RobustConfig)
+
+
+def parse_aggregation(section: Mapping[str, Any]) -> AggregationConfig:
+    """Build the ``[aggregation]`` settings.
+
+    Raises:
+        ConfigError: A key is unknown or a value invalid.
+    """
+    _unknown(
+        "aggregation",
+        section,
+        {"mode", "robust", "krum-malicious", "multi-krum-select", "trim-beta"},
+    )
+    try:
+        mode = AggregationMode(section.get("mode", "plain"))
+        if mode is AggregationMode.SECAGG:
+            raise ConfigError("mode 'secagg' is not available yet: use 'plain' or 'he'")
+        robust = RobustConfig(
+            aggregator=RobustAggregator(section.get("robust", "none")),
+            num_malicious=int(section.get("krum-malicious", 1)),
+            num_selected=int(section.get("multi-krum-select", 2)),
+            trim_beta=float(section.get("trim-beta", 0.1)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[aggregation]: {exc}") from exc
+    return AggregationConfig(mode=mode, robust=robust)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One federated experiment: data set, branches, federation settings, baselines.
 
@@ -63,6 +111,10 @@ class ExperimentConfig:
     rows: int = 600
     seed: int = 42
     cpus_per_branch: float = 1.0
+    dp: FederatedDPConfig | None = None
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    """Aggregation mode (plain / HE) and robust aggregator (the ``[aggregation]`` table)."""
+    """Record-level DP-SGD settings (the ``[dp]`` table); ``None``: no DP."""
 
     @property
     def schema_name(self) -> str:
@@ -77,6 +129,13 @@ class ExperimentConfig:
             )
         if self.federation.schema != self.schema_name:
             raise ConfigError("federation.schema must match the dataset's schema")
+        if self.dp is not None and self.federation.strategy is StrategyName.FEDPROX:
+            raise ConfigError("[dp] cannot be used with strategy 'fedprox': use fedavg or fedadam")
+        check_combination(
+            mode=self.aggregation.mode,
+            robust=self.aggregation.robust.aggregator,
+            strategy=str(self.federation.strategy),
+        )
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(
                 f"name must be a non-empty word without slashes or spaces: {self.name!r}"
@@ -88,6 +147,33 @@ def _section(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{key}] must be a table")
     return value
+
+
+def _dp_key(toml_key: str) -> str:
+    """``[dp]`` TOML key -> run-config key (``target-epsilon`` -> ``dp-target-epsilon``)."""
+    for run_key in DP_RUN_CONFIG_KEYS:
+        if run_key.removeprefix("dp-").removeprefix("privacy-") == toml_key:
+            return run_key
+    raise KeyError(toml_key)
+
+
+def _dp_toml_keys() -> set[str]:
+    return {key.removeprefix("dp-").removeprefix("privacy-") for key in DP_RUN_CONFIG_KEYS}
+
+
+def parse_dp(section: Mapping[str, Any]) -> FederatedDPConfig:
+    """Build the run's DP settings from the ``[dp]`` table.
+
+    Raises:
+        ConfigError: A key is unknown or a value is invalid (every problem listed).
+    """
+    _unknown("dp", section, _dp_toml_keys())
+    if "target-epsilon" not in section:
+        raise ConfigError("[dp] needs target-epsilon (the per-branch epsilon after all rounds)")
+    dp = FederatedDPConfig.from_run_config({_dp_key(key): v for key, v in section.items()})
+    if dp is None:  # target-epsilon = 0
+        raise ConfigError("[dp] target-epsilon must be > 0 (remove [dp] to train without DP)")
+    return dp
 
 
 def _unknown(section: str, given: Mapping[str, Any], allowed: set[str]) -> None:
@@ -111,6 +197,8 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
         "partition",
         "federation",
         "baselines",
+        "dp",
+        "aggregation",
     }
     _unknown("top level", raw, top)
     for required in ("name", "dataset"):
@@ -148,7 +236,15 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     baselines = BaselineConfig(
         enabled=bool(base.get("enabled", True)), torch_epochs=int(base.get("torch-epochs", 30))
     )
+    dp = None
+    if "dp" in raw:
+        try:
+            dp = parse_dp(_section(raw, "dp"))
+        except ConfigError as exc:
+            raise ConfigError(f"[dp]: {exc}") from exc
     return ExperimentConfig(
+        dp=dp,
+        aggregation=parse_aggregation(_section(raw, "aggregation")),
         name=str(raw["name"]),
         dataset=dataset,
         partition=partition,
@@ -195,4 +291,20 @@ def to_toml_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         },
         "federation": cfg.federation.to_run_config(),
         "baselines": {"enabled": cfg.baselines.enabled, "torch-epochs": cfg.baselines.torch_epochs},
+        **({} if cfg.dp is None else {"dp": dp_toml(cfg.dp)}),
+        "aggregation": {
+            "mode": str(cfg.aggregation.mode),
+            "robust": str(cfg.aggregation.robust.aggregator),
+            "krum-malicious": cfg.aggregation.robust.num_malicious,
+            "multi-krum-select": cfg.aggregation.robust.num_selected,
+            "trim-beta": cfg.aggregation.robust.trim_beta,
+        },
+    }
+
+
+def dp_toml(dp: FederatedDPConfig) -> dict[str, float | str]:
+    """The ``[dp]`` table of resolved DP settings (unset values left out)."""
+    return {
+        key.removeprefix("dp-").removeprefix("privacy-"): value
+        for key, value in dp.to_run_config().items()
     }

@@ -2,14 +2,104 @@
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt
 
+if TYPE_CHECKING:
+    from fedcrm.server.federation import FederationResult
+
 _COLUMNS = ("roc_auc", "pr_auc", "f1", "log_loss")
+
+
+def privacy_summary(result: "FederationResult", *, ledger: str) -> dict[str, Any]:
+    """The run's privacy statement: ε per branch with its unit, δ, accountant and mechanism.
+
+    Args:
+        result: A DP run's result (its privacy events).
+        ledger: Where the privacy ledger of the run is stored.
+    """
+    dp = result.dp
+    if dp is None:
+        raise ValueError("not a DP run")
+    latest: dict[str, Any] = {}
+    admitted: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    for event in result.privacy:
+        report = event.report
+        latest[report.branch] = report
+        counter = admitted if report.admitted else refused
+        counter[report.branch] = counter.get(report.branch, 0) + 1
+    units = {r.privacy_unit for r in latest.values()}
+    branches = [
+        {
+            "branch": name,
+            "epsilon": r.epsilon,
+            "delta": r.delta,
+            "noise_multiplier": r.noise_multiplier,
+            "sample_rate": r.sample_rate,
+            "admitted_rounds": admitted.get(name, 0),
+            "refused_rounds": refused.get(name, 0),
+        }
+        for name, r in sorted(latest.items())
+    ]
+    return {
+        "mechanism": "DP-SGD (Abadi et al. 2016): Poisson-subsampled Gaussian, per-example "
+        "clipping",
+        "privacy_unit": "customer" if units == {"customer"} else "record",
+        "unit_note": (
+            "record-level DP on each branch's training rows; churn tables hold one row per "
+            "customer, so the guarantee is customer-level"
+            if units == {"customer"}
+            else "record-level DP on each branch's training rows"
+        ),
+        "neighbouring_relation": "add/remove one row",
+        "epsilon_scope": f"per branch, cumulative for ({dp.model}, {dp.purpose})",
+        "target_epsilon": dp.target_epsilon,
+        "budget": dp.budget,
+        "delta_rule": (
+            "1/n per branch (n = its training rows)" if dp.delta is None else f"{dp.delta:g}"
+        ),
+        "accountant": dp.accountant,
+        "max_grad_norm": dp.max_grad_norm,
+        "epsilon_max": max((b["epsilon"] for b in branches), default=0.0),
+        "branches": branches,
+        "ledger": ledger,
+        "not_covered": (
+            "the federated scaler's moments (training rows) and the evaluation aggregates "
+            "(validation and test rows) are released without noise"
+        ),
+    }
+
+
+def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
+    branches = privacy["branches"]
+    lines = [
+        "## Privacy",
+        "",
+        f"Record-level differential privacy: {privacy['mechanism']}; {privacy['unit_note']}. "
+        f"ε is {privacy['epsilon_scope']}, with {privacy['accountant'].upper()} accounting, "
+        f"neighbouring relation {privacy['neighbouring_relation']}, δ = {privacy['delta_rule']}, "
+        f"clipping norm {privacy['max_grad_norm']:g}.",
+        f"Target ε {privacy['target_epsilon']:g} per branch, budget {privacy['budget']:g}; "
+        f"largest ε reached: {privacy['epsilon_max']:.3f} (privacy unit: "
+        f"{privacy['privacy_unit']}).",
+        f"Not covered by this guarantee: {privacy['not_covered']}.",
+        f"Every decision is in the privacy ledger `{privacy['ledger']}` "
+        "(`fedcrm ledger show --db ...`).",
+        "",
+        "| branch | ε | δ | σ | q | rounds admitted | refused |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {b['branch']} | {b['epsilon']:.3f} | {b['delta']:.2e} | {b['noise_multiplier']:.3f} "
+        f"| {b['sample_rate']:.4f} | {b['admitted_rounds']} | {b['refused_rounds']} |"
+        for b in branches
+    ]
+    return [*lines, ""]
 
 
 def plot_auc(
@@ -81,5 +171,7 @@ def write_report(
             f"Rejected branch updates: {len(fed['rejected_updates'])} (see summary.json).",
             "",
         ]
+    if summary.get("privacy"):
+        lines += _privacy_lines(summary["privacy"])
     lines += ["![AUC per round](auc_per_round.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")

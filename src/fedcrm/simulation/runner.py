@@ -37,11 +37,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import tomli_w
+from flwr.app import Array, ArrayRecord
+from flwr.clientapp.typing import Mod
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.simulation import run_simulation
 from safetensors.torch import save_file
 
 from fedcrm.client.app import branch_dir, make_client_app
 from fedcrm.client.branch import BranchData, write_export
+from fedcrm.client.he_mod import HEMod
 from fedcrm.compliance import sqlite_url
 from fedcrm.data.check import coerce_frame
 from fedcrm.data.loaders import load_dataset
@@ -51,14 +55,23 @@ from fedcrm.data.pseudonymise import load_or_create_key, pseudonymise_series
 from fedcrm.data.schema import ChurnSchema, get_schema
 from fedcrm.data.split import Split
 from fedcrm.data.synthetic import synthetic_export
-from fedcrm.exceptions import FedCrmError
+from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba
 from fedcrm.models.metrics import exact_metrics
+from fedcrm.privacy.keys import init_keys, load_public_context, load_secret_context
 from fedcrm.server.app import make_server_app
-from fedcrm.server.federation import FederationResult, FederationStopped, RoundRecord
+from fedcrm.server.federation import (
+    FederationResult,
+    FederationStopped,
+    RoundRecord,
+    StrategyWrapper,
+)
 from fedcrm.simulation.baselines import PooledData, run_baselines
 from fedcrm.simulation.config import SYNTHETIC_PREFIX, ExperimentConfig, to_toml_dict
 from fedcrm.simulation.report import privacy_summary, write_report
+from fedcrm.strategies.guardrails import AggregationMode, RobustAggregator
+from fedcrm.strategies.he import HEAggregation, replay_global_model
+from fedcrm.strategies.robust import robust_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +195,40 @@ def simulate(
 
     Ray binds only to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by
     `fedcrm._env`). Its session files end up in ``<run_dir>/ray`` (see `ray_session_dir`).
+
+    With ``[aggregation] mode = "he"`` a key generation is created in ``<run_dir>/keys``
+    (``fedcrm keys init``); branches load its secret context through `HEMod`, the server
+    only the public one, and the server keeps ciphertext checkpoints in
+    ``<run_dir>/checkpoints``. The researcher, who holds the key authority's files in a
+    simulation as it holds the pooled data, replays them into the plaintext model at the end.
+    ``robust`` replaces FedAvg by the chosen robust aggregator (plaintext mode).
     """
+    agg = cfg.aggregation
+    wrap_strategy: StrategyWrapper | None = None
+    mods: list[Mod] = []
+    he_servers: list[HEAggregation] = []
+    if agg.mode is AggregationMode.HE:
+        keys = init_keys(run_dir / "keys")
+        secret_path = keys.secret_path
+
+        def wrap_he(inner: Strategy) -> Strategy:
+            server = HEAggregation(
+                inner,
+                public_context=load_public_context(keys.public_path),
+                checkpoint_dir=run_dir / "checkpoints",
+            )
+            he_servers.append(server)
+            return server
+
+        wrap_strategy, mods = wrap_he, [HEMod(run_dir / "keys")]
+    elif agg.robust.aggregator is not RobustAggregator.NONE:
+
+        def wrap_robust(inner: Strategy) -> Strategy:
+            if not isinstance(inner, FedAvg):
+                raise ConfigError(f"{agg.robust.aggregator} replaces FedAvg only")
+            return robust_strategy(inner, agg.robust)
+
+        wrap_strategy = wrap_robust
     results: list[FederationResult] = []
     stopped: list[FederationStopped] = []
     server_app = make_server_app(
@@ -194,8 +240,9 @@ def simulate(
         ledger_url=sqlite_url(ledger_path(run_dir)),
         run_id=run_dir.name,
         errors=stopped,
+        wrap_strategy=wrap_strategy,
     )
-    client_app = make_client_app(run_dir / "branches")
+    client_app = make_client_app(run_dir / "branches", mods=mods)
     with _FlowerLogToFile(run_dir / "flower.log"), ray_session_dir(run_dir) as ray_dir:
         run_simulation(
             server_app=server_app,
@@ -207,7 +254,18 @@ def simulate(
         raise stopped[0]
     if not results:
         raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
-    return results[0]
+    result = results[0]
+    server = he_servers[0] if he_servers else None
+    if server is not None and server.initial is not None:
+        model = replay_global_model(
+            server.initial,
+            server.checkpoints[: result.best_round],
+            load_secret_context(secret_path),
+        )
+        result.state_dict = ArrayRecord(
+            {n: Array(a) for n, a in model.items()}
+        ).to_torch_state_dict()
+    return result
 
 
 def ledger_path(run_dir: Path) -> Path:

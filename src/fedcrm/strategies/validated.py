@@ -3,6 +3,7 @@
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -44,6 +45,14 @@ def check_update(expected: ArrayRecord, reply: Message, weight_key: str) -> str 
     return None
 
 
+@runtime_checkable
+class ReplyChecker(Protocol):
+    """An inner strategy whose replies are not plaintext arrays (HE ciphertexts) checks them."""
+
+    def check_reply(self, server_round: int, reply: Message) -> str | None:
+        """Why ``reply`` cannot be aggregated, or ``None`` if it can."""
+
+
 class ValidatedStrategy(Strategy):
     """Wrap a strategy; drop updates with wrong names, shapes, NaN values or bad counts.
 
@@ -51,7 +60,8 @@ class ValidatedStrategy(Strategy):
     update would otherwise poison the global model for every branch. Rejected updates are
     logged with the round and node and kept in `rejections`; the inner strategy aggregates
     the rest. The inner strategy's ``aggregate_train`` is called unchanged, so Flower's DP
-    wrappers and their accountant still see a plain FedAvg.
+    wrappers and their accountant still see a plain FedAvg. An inner strategy implementing
+    `ReplyChecker` (the HE wrapper, whose replies are ciphertexts) checks its replies itself.
     """
 
     def __init__(self, inner: Strategy, *, weight_key: str = "num-examples") -> None:
@@ -79,8 +89,12 @@ class ValidatedStrategy(Strategy):
         if self._sent is None:
             raise RuntimeError("aggregate_train called before configure_train")
         good: list[Message] = []
+        own = self.inner if isinstance(self.inner, ReplyChecker) else None
         for reply in replies:
-            reason = check_update(self._sent, reply, self.weight_key)
+            if own is not None:
+                reason = own.check_reply(server_round, reply)
+            else:
+                reason = check_update(self._sent, reply, self.weight_key)
             if reason is None:
                 good.append(reply)
                 continue

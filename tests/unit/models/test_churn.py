@@ -1,7 +1,14 @@
 import numpy as np
+import pytest
 import torch
 
-from fedcrm.models.churn import TrainSettings, build_model, predict_proba, train_local
+from fedcrm.models.churn import (
+    TrainSettings,
+    build_model,
+    model_from_state,
+    predict_proba,
+    train_local,
+)
 
 
 def _xy(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -22,8 +29,8 @@ def test_build_is_deterministic_and_keeps_global_rng() -> None:
 def test_training_lowers_loss() -> None:
     x, y = _xy()
     model = build_model(8, seed=0)
-    first = train_local(model, x, y, TrainSettings(epochs=1, lr=0.01), seed=0)
-    later = train_local(model, x, y, TrainSettings(epochs=5, lr=0.01), seed=1)
+    first = train_local(model, x, y, TrainSettings(epochs=1, lr=0.05), seed=0)
+    later = train_local(model, x, y, TrainSettings(epochs=5, lr=0.05), seed=1)
     assert later < first
     p = predict_proba(model, x)
     assert ((p > 0.5) == (y == 1)).mean() > 0.9
@@ -48,3 +55,20 @@ def test_proximal_term_keeps_weights_near_global() -> None:
         )
 
     assert drift(10.0) < drift(0.0)
+
+
+def test_model_from_state_rebuilds_any_architecture() -> None:
+    for hidden in [(), (16,), (64, 32)]:
+        model = build_model(5, seed=1, hidden=hidden)
+        rebuilt = model_from_state(model.state_dict())
+        x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+        np.testing.assert_array_equal(predict_proba(model, x), predict_proba(rebuilt, x))
+    with pytest.raises(ValueError, match="not a churn model state"):
+        model_from_state({"weight": torch.zeros(2, 2)})
+
+
+def test_adam_optimizer_option_trains_too() -> None:
+    x, y = _xy(2)
+    model = build_model(8, seed=0)
+    train_local(model, x, y, TrainSettings(epochs=5, lr=0.01, optimizer="adam"), seed=0)
+    assert ((predict_proba(model, x) > 0.5) == (y == 1)).mean() > 0.9

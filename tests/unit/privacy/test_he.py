@@ -397,3 +397,37 @@ def test_all_errors_are_fedcrm_errors() -> None:
         obj = getattr(he, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, he.HEError) and issubclass(obj, FedCrmError)
+
+
+# ------------------------------------------------------------------------ TenSEAL sum path
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), length=st.integers(1, 9000), branches=st.integers(1, 5))
+def test_tenseal_addition_gives_the_identical_aggregate(
+    pair: he.ContextPair, seed: int, length: int, branches: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-100.0, 100.0, size=(branches, length))
+    wires = [_enc(pair, row).to_bytes() for row in x]
+    updates = [he.EncryptedUpdate.from_bytes(w) for w in wires]
+    by_numpy = he.sum_encrypted(pair.public, updates, engine="numpy")
+    by_tenseal = he.sum_encrypted(pair.public, updates, engine="tenseal")
+    assert by_tenseal.to_bytes() == by_numpy.to_bytes()
+    total = he.decrypt(pair.secret, by_tenseal)
+    assert np.abs(total - x.sum(axis=0)).max() < pair.secret.params.error_bound(branches)
+
+
+def test_tenseal_sum_rejects_bad_input_with_its_index(
+    pair: he.ContextPair, other_pair: he.ContextPair
+) -> None:
+    good = _enc(pair, np.ones(10))
+    foreign = he.encrypt_update(other_pair.secret, np.ones(10), key_id=other_pair.key_id)
+    with pytest.raises(he.UnknownKeyError) as info:
+        he.sum_encrypted(pair.public, [good, foreign], engine="tenseal")
+    assert info.value.index == 1
+
+
+def test_unknown_sum_engine_is_refused(pair: he.ContextPair) -> None:
+    with pytest.raises(ValueError, match="engine"):
+        he.sum_encrypted(pair.public, [_enc(pair, np.ones(3))], engine="gpu")  # type: ignore[arg-type]

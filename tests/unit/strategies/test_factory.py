@@ -39,7 +39,11 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [(StrategyName.FEDAVG, FedAvg), (StrategyName.FEDPROX, FedProx), (StrategyName.FEDADAM, FedAdam)],
+    [
+        (StrategyName.FEDAVG, FedAvg),
+        (StrategyName.FEDPROX, FedProx),
+        (StrategyName.FEDADAM, FedAdam),
+    ],
     ids=["fedavg", "fedprox", "fedadam"],
 )
 def test_each_strategy_configures_and_aggregates(name: StrategyName, cls: type) -> None:
