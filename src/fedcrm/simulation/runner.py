@@ -154,6 +154,8 @@ def _backend_config(cfg: ExperimentConfig, ray_dir: Path) -> dict[str, Any]:
             "num_cpus": os.cpu_count() or 1,
             "num_gpus": 0,
             "include_dashboard": False,
+            # Branch processes log into <run_dir>/ray/.../logs, not onto the researcher's console.
+            "log_to_driver": False,
             "_temp_dir": str(ray_dir),
         },
     }
