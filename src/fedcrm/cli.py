@@ -6,6 +6,7 @@ functions, and it renders ``--help`` and errors with rich.
 
 import json
 import logging
+import tomllib
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from fedcrm.compliance.audit.cli import app as audit_app
 from fedcrm.compliance.cli import app as compliance_app
 from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy.keys import app as keys_app
+from fedcrm.rec_cli import recommend, simulate_rec
 
 app = typer.Typer(
     name="fedcrm",
@@ -39,6 +41,8 @@ ledger_app = typer.Typer(help="Read the privacy ledger.", no_args_is_help=True)
 app.add_typer(
     ledger_app, name="ledger", help="Privacy ledger: cumulative epsilon per branch, every round."
 )
+
+app.command("recommend")(recommend)
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -137,6 +141,14 @@ def _run_one(config: Path, runs_dir: Path) -> Path:
         return run_experiment(cfg, runs_root=runs_dir, on_round=on_round, on_phase=on_phase)
 
 
+def _task(config: Path) -> str:
+    """The experiment's ``task`` (``churn`` unless the TOML says otherwise)."""
+    try:
+        return str(tomllib.loads(config.read_text(encoding="utf-8")).get("task", "churn"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return "churn"  # the churn loader reports the problem with the file
+
+
 def _summary_table(run_dirs: list[Path]) -> Table:
     table = Table(title="Federated vs centralised, same split (test ROC-AUC)")
     for col in ("run", "federated", "best centralised", "gap", "PR-AUC fed", "F1 fed"):
@@ -166,7 +178,13 @@ def simulate(
         "runs"
     ),
 ) -> None:
-    """Run a federated experiment on Flower's simulation engine and write a run directory."""
+    """Run a federated experiment on Flower's simulation engine and write a run directory.
+
+    Churn experiments and recommendation experiments (``task = "recommendation"``) alike.
+    """
+    if _task(config) == "recommendation":
+        simulate_rec(config, runs_dir)
+        return
     try:
         run_dir = _run_one(config, runs_dir)
     except FedCrmError as exc:

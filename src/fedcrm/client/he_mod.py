@@ -44,6 +44,7 @@ from fedcrm.strategies.he import (
     HE_UPDATE,
     apply_aggregate,
     flatten,
+    pre_weight,
 )
 
 __all__ = ["NODE_HE_KEY_DIR", "HEMod"]
@@ -207,7 +208,7 @@ class HEMod:
         record = content.array_records[self.arrays_key]
         local = {name: record[name].numpy() for name in base}
         delta = flatten(local) - flatten(base)
-        update = encrypt_update(secret, float(count) * delta, key_id=secret.key_id)
+        update = encrypt_update(secret, pre_weight(delta, count), key_id=secret.key_id)
         # Every other record (metrics, a DP privacy report) passes; the plaintext model does not.
         out = RecordDict({key: rec for key, rec in content.items() if key != self.arrays_key})
         out[HE_RECORD] = ConfigRecord({HE_UPDATE: update.to_bytes(), HE_KEY_ID: secret.key_id})

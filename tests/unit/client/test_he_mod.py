@@ -76,7 +76,7 @@ def test_round_zero_train_encrypts_the_weighted_delta(key_dir: Path, key_id: str
     assert isinstance(wire, bytes)
     secret = keys.load_secret_context(keys.current_generation(key_dir).secret_path)
     values = he.decrypt(secret, he.EncryptedUpdate.from_bytes(wire))
-    np.testing.assert_allclose(values, np.full(6, 4.0 * 0.25), atol=1e-6)
+    np.testing.assert_allclose(values, np.full(6, 4.0 * 0.25 / hs.WEIGHT_UNIT), atol=1e-6)
 
 
 def test_message_without_he_record_passes_unchanged(key_dir: Path) -> None:
@@ -119,7 +119,7 @@ def test_missed_round_is_an_error_reply(key_dir: Path, key_id: str) -> None:
 
 def test_out_of_range_update_is_an_error_reply(key_dir: Path, key_id: str) -> None:
     msg = _request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model())
-    reply = HEMod(key_dir)(msg, _ctx(), _train_handler(5.0, count=1000.0))
+    reply = HEMod(key_dir)(msg, _ctx(), _train_handler(5.0, count=100_000.0))
     _assert_refused(reply, "beyond the declared range")
 
 

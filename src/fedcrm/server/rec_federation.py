@@ -1,0 +1,337 @@
+"""The federated recommendation round loop the ServerApp runs on a Flower Grid.
+
+Matrix factorisation as in Ammad-ud-din et al. 2019 ("Federated Collaborative Filtering",
+arXiv:1901.09888): every branch keeps its customers' user factors; only the item factors and
+item biases travel, and Flower's `FedAvg` (McMahan et al. 2017, arXiv:1602.05629) averages them,
+weighted by each branch's number of training interactions. After each round every branch ranks
+its users' validation and test items (99 sampled negatives and the full catalogue); the server
+adds the branches' sums (`fedcrm.simulation.rec_metrics.pool`), which equals evaluating all
+users at once.
+
+Replies are checked before aggregation: a train reply whose ArrayRecord holds anything but the
+item keys (for example user factors) is dropped and logged, never averaged.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from numpy.typing import NDArray
+
+from fedcrm import constants as k
+from fedcrm import rec_constants as rk
+from fedcrm.exceptions import ConfigError, FedCrmError, InconsistentReplies
+from fedcrm.models.rec_training import DEFAULT_K, RankingMetrics
+from fedcrm.models.recommender import MatrixFactorisation, shared_state
+from fedcrm.simulation.rec_metrics import from_record, pool
+
+logger = logging.getLogger(__name__)
+
+Loss = Literal["bce", "bpr"]
+
+
+@dataclass(frozen=True)
+class RecFederationConfig:
+    """Settings of a federated recommendation run (sent to branches in each round's config).
+
+    Attributes:
+        num_rounds: Federated rounds.
+        local_epochs: Local epochs per branch and round.
+        lr: Adam learning rate of the local training.
+        factors: Latent dimension of user and item factors.
+        negatives_per_positive: Sampled training negatives per positive.
+        weight_decay: Per-batch L2 penalty (see `fedcrm.models.rec_training.train_branch`).
+        batch_size: Examples per local step.
+        loss: ``"bce"`` or ``"bpr"``.
+        seed: Seed of the item initialisation and of local sampling.
+        top_k: Cut-off of HR@k and NDCG@k.
+        round_timeout: Seconds to wait for the branches in each round.
+    """
+
+    num_rounds: int = 20
+    local_epochs: int = 2
+    lr: float = 0.01
+    factors: int = 64
+    negatives_per_positive: int = 4
+    weight_decay: float = 0.001
+    batch_size: int = 4096
+    loss: Loss = "bce"
+    seed: int = 0
+    top_k: int = DEFAULT_K
+    round_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        ints = {
+            "num_rounds": self.num_rounds,
+            "local_epochs": self.local_epochs,
+            "factors": self.factors,
+            "negatives_per_positive": self.negatives_per_positive,
+            "batch_size": self.batch_size,
+            "top_k": self.top_k,
+        }
+        bad = sorted(name for name, value in ints.items() if value < 1)
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.loss not in ("bce", "bpr"):
+            raise ConfigError(f"loss must be 'bce' or 'bpr', got {self.loss!r}")
+        if not self.round_timeout > 0:
+            raise ConfigError(f"round_timeout must be > 0, got {self.round_timeout}")
+
+    def to_config_record(self) -> ConfigRecord:
+        """Return what a branch needs to train and evaluate (read by the ClientApp)."""
+        return ConfigRecord(
+            {
+                k.KEY_SEED: self.seed,
+                k.KEY_LR: self.lr,
+                k.KEY_LOCAL_EPOCHS: self.local_epochs,
+                k.KEY_BATCH_SIZE: self.batch_size,
+                k.KEY_WEIGHT_DECAY: self.weight_decay,
+                rk.KEY_FACTORS: self.factors,
+                rk.KEY_NEGATIVES: self.negatives_per_positive,
+                rk.KEY_LOSS: self.loss,
+                rk.KEY_TOP_K: self.top_k,
+            }
+        )
+
+
+@dataclass
+class RecRoundRecord:
+    """One round: pooled ranking metrics, timing and traffic.
+
+    Attributes:
+        round: Round number (1-based).
+        seconds: Wall time of the round (training, aggregation, evaluation).
+        train_replies: Branch updates aggregated.
+        train_loss: Mean local training loss (weighted by interactions).
+        test: Pooled test metrics (``hr10-sampled`` ... and ``users``).
+        val: Pooled validation metrics.
+        bytes_up: Item-array bytes each branch sent (node id -> bytes).
+        bytes_down: Item-array bytes sent to each branch for training (node id -> bytes).
+        rejected: Why replies were dropped.
+    """
+
+    round: int
+    seconds: float
+    train_replies: int
+    train_loss: float
+    test: dict[str, float]
+    val: dict[str, float]
+    bytes_up: dict[int, int]
+    bytes_down: dict[int, int]
+    rejected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RecFederationResult:
+    """The outcome of a federated recommendation run.
+
+    Attributes:
+        items: The final aggregated item arrays (keys of `shared_state`).
+        num_branches: Branches that took part.
+        rounds: One record per round.
+    """
+
+    items: dict[str, NDArray[np.float32]]
+    num_branches: int
+    rounds: list[RecRoundRecord] = field(default_factory=list)
+
+
+RecRoundCallback = Callable[[RecRoundRecord], None]
+
+
+def initial_items(n_items: int, factors: int, *, seed: int) -> ArrayRecord:
+    """Return the initial item arrays, identical to every branch's own initialisation."""
+    model = MatrixFactorisation(1, n_items, factors, seed=seed)
+    return ArrayRecord(
+        {key: Array(np.ascontiguousarray(a)) for key, a in shared_state(model).items()}
+    )
+
+
+def metrics_dict(metrics: RankingMetrics) -> dict[str, float]:
+    """Return the pooled means as a flat dictionary (``hr10-sampled``, ... , ``users``)."""
+    at = metrics.k
+    return {
+        f"hr{at}-sampled": metrics.hr_sampled,
+        f"ndcg{at}-sampled": metrics.ndcg_sampled,
+        f"hr{at}-full": metrics.hr_full,
+        f"ndcg{at}-full": metrics.ndcg_full,
+        "users": float(metrics.count),
+    }
+
+
+def _strip_prefix(record: MetricRecord, prefix: str) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for key, value in record.items():
+        if key.startswith(prefix) and isinstance(value, int | float):
+            out[key.removeprefix(prefix)] = value
+    return out
+
+
+def pool_replies(
+    replies: Iterable[Message], *, top_k: int = DEFAULT_K
+) -> tuple[RankingMetrics, RankingMetrics]:
+    """Pool the branches' evaluation replies into (test, validation) metrics.
+
+    Replies with an error are skipped (and logged).
+
+    Raises:
+        InconsistentReplies: A reply's metric record is malformed.
+    """
+    tests: list[RankingMetrics] = []
+    vals: list[RankingMetrics] = []
+    for reply in replies:
+        if reply.has_error():
+            logger.warning(
+                "node %d: evaluation failed: %s", reply.metadata.src_node_id, reply.error.reason
+            )
+            continue
+        record = reply.content.metric_records[k.METRICS]
+        plain = {key: value for key, value in record.items() if isinstance(value, int | float)}
+        tests.append(from_record(plain, top_k))
+        vals.append(from_record(_strip_prefix(record, rk.VAL_PREFIX), top_k))
+    return pool(tests, top_k), pool(vals, top_k)
+
+
+def check_item_reply(reply: Message, item_keys: frozenset[str]) -> str | None:
+    """Return why a train reply must not be aggregated, or ``None`` if it is fine.
+
+    A usable reply carries exactly one ArrayRecord whose keys are the item keys: a reply with
+    user factors (or anything else) in it is refused before it can reach the average.
+    """
+    if reply.has_error():
+        return f"node {reply.metadata.src_node_id}: {reply.error.reason}"
+    records = reply.content.array_records
+    if list(records) != [k.ARRAYS]:
+        return f"node {reply.metadata.src_node_id}: array records {sorted(records)}"
+    keys = frozenset(records[k.ARRAYS].keys())
+    if keys != item_keys:
+        extra = sorted(keys - item_keys)
+        return f"node {reply.metadata.src_node_id}: array keys not the item keys (extra {extra})"
+    return None
+
+
+def wait_for_branches(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Return the connected node ids once at least ``minimum`` are there.
+
+    Raises:
+        FedCrmError: Fewer than ``minimum`` branches connected within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise FedCrmError(f"only {len(nodes)} of {minimum} branches connected")
+        time.sleep(0.5)
+    return nodes
+
+
+def _arrays_numpy(arrays: ArrayRecord) -> dict[str, NDArray[np.float32]]:
+    return {key: np.asarray(array.numpy(), dtype=np.float32) for key, array in arrays.items()}
+
+
+def _train_loss(metrics: MetricRecord | None) -> float:
+    value: Any = None if metrics is None else metrics.get(k.KEY_TRAIN_LOSS)
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def run_rec_federation(
+    grid: Grid,
+    cfg: RecFederationConfig,
+    *,
+    n_items: int,
+    min_nodes: int = 2,
+    on_round: RecRoundCallback | None = None,
+) -> RecFederationResult:
+    """Run federated MF on the branches connected to ``grid``.
+
+    Args:
+        grid: Flower's Grid (simulation or deployment).
+        cfg: Run settings.
+        n_items: Size of the shared item catalogue.
+        min_nodes: Branches that must be connected before the first round.
+        on_round: Called after every round.
+
+    Returns:
+        The final item arrays and one record per round.
+
+    Raises:
+        FedCrmError: No usable update arrived in a round.
+    """
+    nodes = wait_for_branches(grid, min_nodes, cfg.round_timeout)
+    arrays = initial_items(n_items, cfg.factors, seed=cfg.seed)
+    item_keys = frozenset(arrays.keys())
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=len(nodes),
+        min_evaluate_nodes=len(nodes),
+        min_available_nodes=len(nodes),
+    )
+    result = RecFederationResult(items=_arrays_numpy(arrays), num_branches=len(nodes))
+    for rnd in range(1, cfg.num_rounds + 1):
+        start = time.perf_counter()
+        out = list(strategy.configure_train(rnd, arrays, cfg.to_config_record(), grid))
+        down = {
+            m.metadata.dst_node_id: m.content.array_records[k.ARRAYS].count_bytes() for m in out
+        }
+        replies = list(grid.send_and_receive(out, timeout=cfg.round_timeout))
+        rejected: list[str] = []
+        usable: list[Message] = []
+        for reply in replies:
+            reason = check_item_reply(reply, item_keys)
+            if reason is None:
+                usable.append(reply)
+            else:
+                rejected.append(reason)
+                logger.warning("round %d: reply dropped: %s", rnd, reason)
+        up = {
+            r.metadata.src_node_id: r.content.array_records[k.ARRAYS].count_bytes() for r in usable
+        }
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, usable)
+        if new_arrays is None:
+            raise FedCrmError(f"round {rnd}: no usable branch update; stopping the run")
+        arrays = new_arrays
+        evaluation = grid.send_and_receive(
+            strategy.configure_evaluate(rnd, arrays, cfg.to_config_record(), grid),
+            timeout=cfg.round_timeout,
+        )
+        try:
+            test, val = pool_replies(evaluation, top_k=cfg.top_k)
+        except InconsistentReplies as exc:
+            raise FedCrmError(f"round {rnd}: {exc}") from exc
+        record = RecRoundRecord(
+            round=rnd,
+            seconds=time.perf_counter() - start,
+            train_replies=len(usable),
+            train_loss=_train_loss(train_metrics),
+            test=metrics_dict(test),
+            val=metrics_dict(val),
+            bytes_up=up,
+            bytes_down=down,
+            rejected=rejected,
+        )
+        result.rounds.append(record)
+        logger.info(
+            "round %d: HR@%d %.4f NDCG@%d %.4f (%d updates, %.2f s)",
+            rnd,
+            cfg.top_k,
+            test.hr_sampled,
+            cfg.top_k,
+            test.ndcg_sampled,
+            len(usable),
+            record.seconds,
+        )
+        if on_round is not None:
+            on_round(record)
+    result.items = _arrays_numpy(arrays)
+    return result

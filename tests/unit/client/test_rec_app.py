@@ -1,0 +1,123 @@
+"""The recommendation ClientApp: user factors stay on the branch, only item arrays leave."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcrm import constants as k
+from fedcrm import rec_constants as rk
+from fedcrm.client.rec_app import (
+    RecRoundSettings,
+    load_user_factors,
+    make_rec_client_app,
+    user_factors_path,
+)
+from fedcrm.data.movielens import BranchView, branch_view, leave_one_out, sample_negatives
+from fedcrm.exceptions import ConfigError
+from fedcrm.server.rec_federation import RecFederationConfig, initial_items
+from fedcrm.simulation.rec_config import SyntheticRecConfig
+from fedcrm.simulation.rec_runner import synthetic_rec_data
+
+CFG = RecFederationConfig(num_rounds=1, local_epochs=1, factors=8, batch_size=256, seed=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _identity() -> Iterator[None]:
+    torch.set_num_threads(1)
+    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
+    for name in saved:
+        setattr(TaskIdentity, name, 1)
+    yield
+    for name, value in saved.items():
+        setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def view() -> BranchView:
+    data = synthetic_rec_data(SyntheticRecConfig(users=40, items=130, branches=2), seed=1)
+    split = leave_one_out(data.interactions)
+    return branch_view(data, split, sample_negatives(split, seed=1), 1)
+
+
+def _context() -> Context:
+    return Context(1, 5, {k.NODE_PARTITION_ID: 1}, RecordDict(), {})
+
+
+def _request(kind: str, n_items: int) -> Message:
+    content = RecordDict(
+        {
+            k.ARRAYS: initial_items(n_items, CFG.factors, seed=CFG.seed),
+            k.CONFIG: CFG.to_config_record(),
+        }
+    )
+    return Message(content=content, dst_node_id=5, message_type=kind)
+
+
+def test_train_reply_holds_only_the_item_arrays(view: BranchView, tmp_path: Path) -> None:
+    app = make_rec_client_app(lambda _ctx: view, tmp_path)
+    context = _context()
+    request = _request("train", view.split.n_items)
+    reply = app(request, context)
+
+    assert not reply.has_error()
+    arrays = reply.content.array_records
+    assert list(arrays) == [k.ARRAYS]
+    assert set(arrays[k.ARRAYS].keys()) == {"items.embedding.weight", "items.bias.weight"}
+    sent = request.content.array_records[k.ARRAYS]
+    assert arrays[k.ARRAYS].count_bytes() == sent.count_bytes()
+    payload = sum(a.numpy().nbytes for a in arrays[k.ARRAYS].values())
+    assert payload == view.split.n_items * (CFG.factors + 1) * 4
+    assert not reply.content.config_records
+
+    # The user factors exist (node state and the branch folder) but are not in the wire bytes.
+    state = context.state.array_records[rk.STATE_USER_FACTORS]
+    users = state["users.embedding.weight"].numpy()
+    assert users.shape == (len(view.global_users), CFG.factors)
+    wire = message_to_proto(reply).SerializeToString()
+    for row in users:
+        assert row.tobytes() not in wire
+    saved = load_user_factors(user_factors_path(tmp_path, view.branch.name))
+    np.testing.assert_array_equal(saved["users.embedding.weight"], users)
+
+
+def test_user_factors_persist_across_rounds(view: BranchView) -> None:
+    app = make_rec_client_app(lambda _ctx: view)
+    context = _context()
+    app(_request("train", view.split.n_items), context)
+    first = context.state.array_records[rk.STATE_USER_FACTORS]["users.embedding.weight"].numpy()
+    app(_request("train", view.split.n_items), context)
+    second = context.state.array_records[rk.STATE_USER_FACTORS]["users.embedding.weight"].numpy()
+    assert not np.allclose(first, second)  # round 2 continued from round 1's factors
+
+
+def test_evaluate_reply_has_metric_sums_only(view: BranchView) -> None:
+    app = make_rec_client_app(lambda _ctx: view)
+    context = _context()
+    app(_request("train", view.split.n_items), context)
+    reply = app(_request("evaluate", view.split.n_items), context)
+    assert not reply.content.array_records
+    metrics = reply.content.metric_records[k.METRICS]
+    assert metrics["num-eval-users"] == len(view.split.eval_users)
+    assert metrics[rk.VAL_PREFIX + "num-eval-users"] == len(view.split.eval_users)
+    assert 0.0 <= float(metrics["hr10-sampled-sum"]) <= len(view.split.eval_users)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(rk.KEY_LOSS, "mse"), (k.KEY_LR, "fast"), (rk.KEY_FACTORS, None)],
+    ids=["bad-loss", "string-lr", "missing-factors"],
+)
+def test_round_settings_reject_bad_config(key: str, value: object) -> None:
+    config = CFG.to_config_record()
+    if value is None:
+        del config[key]
+    else:
+        config[key] = value  # type: ignore[assignment]
+    with pytest.raises(ConfigError):
+        RecRoundSettings.from_config(config)
