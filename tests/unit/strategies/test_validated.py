@@ -1,10 +1,10 @@
-import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcrm.strategies.validated import ValidatedStrategy, check_update
 
@@ -15,39 +15,17 @@ def _arrays(value: float, shapes: dict[str, tuple[int, ...]] = SHAPES) -> ArrayR
     return ArrayRecord({k: Array(np.full(s, value, dtype=np.float32)) for k, s in shapes.items()})
 
 
-def _reply(arrays: ArrayRecord, n: float, node: int) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": n})})
-    return Message(metadata=metadata, content=content)  # type: ignore[call-overload]
-
-
-class _Grid:
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3, 4]
-
-
 @pytest.fixture
-def strategy(monkeypatch: pytest.MonkeyPatch) -> ValidatedStrategy:
-    # Flower stamps outgoing messages with the identity of the running task.
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
+def strategy(task_identity: None, grid_of: Callable[[list[int]], Any]) -> ValidatedStrategy:
     s = ValidatedStrategy(FedAvg(min_available_nodes=1, min_train_nodes=1))
-    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))  # type: ignore[arg-type]
+    list(s.configure_train(1, _arrays(0.0), ConfigRecord(), grid_of([1, 2, 3, 4])))  # type: ignore[arg-type]
     return s
 
 
-def test_good_updates_average_like_numpy(strategy: ValidatedStrategy) -> None:
-    replies = [_reply(_arrays(1.0), 10, 1), _reply(_arrays(4.0), 30, 2)]
+def test_good_updates_average_like_numpy(
+    strategy: ValidatedStrategy, make_reply: Callable[[ArrayRecord, float, int], Message]
+) -> None:
+    replies = [make_reply(_arrays(1.0), 10, 1), make_reply(_arrays(4.0), 30, 2)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     expected = (1.0 * 10 + 4.0 * 30) / 40
@@ -67,9 +45,13 @@ def test_good_updates_average_like_numpy(strategy: ValidatedStrategy) -> None:
     ids=["nan", "shape", "names", "zero-count", "negative-count"],
 )
 def test_bad_update_is_left_out(
-    strategy: ValidatedStrategy, arrays: ArrayRecord, n: float, reason: str
+    strategy: ValidatedStrategy,
+    make_reply: Callable[[ArrayRecord, float, int], Message],
+    arrays: ArrayRecord,
+    n: float,
+    reason: str,
 ) -> None:
-    replies = [_reply(_arrays(2.0), 10, 1), _reply(arrays, n, 2)]
+    replies = [make_reply(_arrays(2.0), 10, 1), make_reply(arrays, n, 2)]
     out, _ = strategy.aggregate_train(1, replies)
     assert out is not None
     np.testing.assert_allclose(out["w"].numpy(), np.full((3, 2), 2.0))
@@ -78,10 +60,14 @@ def test_bad_update_is_left_out(
     assert reason in strategy.rejections[0].reason
 
 
-def test_check_update_accepts_good() -> None:
-    assert check_update(_arrays(0.0), _reply(_arrays(1.0), 3, 1), "num-examples") is None
+def test_check_update_accepts_good(
+    make_reply: Callable[[ArrayRecord, float, int], Message],
+) -> None:
+    assert check_update(_arrays(0.0), make_reply(_arrays(1.0), 3, 1), "num-examples") is None
 
 
-def test_all_bad_gives_no_model(strategy: ValidatedStrategy) -> None:
-    out, _ = strategy.aggregate_train(1, [_reply(_arrays(float("inf")), 10, 1)])
+def test_all_bad_gives_no_model(
+    strategy: ValidatedStrategy, make_reply: Callable[[ArrayRecord, float, int], Message]
+) -> None:
+    out, _ = strategy.aggregate_train(1, [make_reply(_arrays(float("inf")), 10, 1)])
     assert out is None
