@@ -52,6 +52,12 @@ def branch_dir(root: Path, partition_id: int) -> Path:
     return root / f"{partition_id:03d}"
 
 
+def _branch_number(context: Context) -> int:
+    """The simulated branch's partition id (stable across runs), else the SuperNode's id."""
+    partition = context.node_config.get(k.NODE_PARTITION_ID)
+    return int(partition) if isinstance(partition, int) else context.node_id
+
+
 def resolve_data(context: Context, branches_root: Path | None) -> branch.BranchData:
     """Find this branch's export from its node config (deployment) or partition id (simulation).
 
@@ -272,7 +278,7 @@ def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = 
     def train(msg: Message, context: Context) -> Message:
         settings, split = prepare(msg, context)
         # A different shuffling seed per round and branch, reproducible from the run seed.
-        seed = settings.seed + 1000 * settings.server_round + context.node_id % 1000
+        seed = settings.seed + 1000 * settings.server_round + _branch_number(context) % 1000
         if settings.dp is not None:
             return train_private(msg, context, settings, split)
         global_state = msg.content.array_records[k.ARRAYS].to_torch_state_dict()
