@@ -19,20 +19,15 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcrm.compliance import (
-    Accountant,
-    Decision,
     LedgerEntry,
-    Mechanism,
-    NeighbouringRelation,
     Notice,
-    PrivacyUnit,
-    SamplingMethod,
     open_store,
     sqlite_url,
 )
 from fedcrm.compliance.api import create_app
 from fedcrm.compliance.api.deps import Services
 from fedcrm.compliance.core.config import Settings
+from support import ledger_entry
 
 pytestmark = pytest.mark.e2e
 
@@ -62,27 +57,15 @@ class Served:
 
 
 def _entry(branch: str, model: str, round_: int, cumulative: float, budget: float) -> LedgerEntry:
-    return LedgerEntry(
-        run_id="run-1",
+    return ledger_entry(
         round=round_,
         branch=branch,
         model=model,
-        purpose="churn-model-training",
-        privacy_unit=PrivacyUnit.RECORD,
-        neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
-        mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
-        noise_multiplier=1.1,
-        clipping_norm=1.0,
         sampling_rate=0.05,
-        sampling_method=SamplingMethod.POISSON,
         steps=20,
-        delta=1e-5,
-        accountant=Accountant.RDP,
-        library_version="opacus 1.6.0",
         epsilon=0.7,
         cumulative_epsilon=cumulative,
         epsilon_budget=budget,
-        decision=Decision.ADMITTED,
     )
 
 

@@ -20,7 +20,13 @@ from fedcrm.data.preprocess import Moments, Scaler, encode, local_moments
 from fedcrm.data.pseudonymise import load_or_create_key
 from fedcrm.data.schema import ChurnSchema
 from fedcrm.data.split import Split, split_frame
-from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba, train_local
+from fedcrm.models.churn import (
+    TrainSettings,
+    make_optimizer,
+    model_from_state,
+    predict_proba,
+    train_local,
+)
 from fedcrm.models.metrics import ScoreHistogram, log_loss_sum
 from fedcrm.privacy.accounting import AccountingEvent, NoisePlan
 from fedcrm.privacy.config import DPConfig
@@ -121,18 +127,7 @@ def train_private(
     """
     x, y = encode(split.train, schema, scaler)
     model = model_from_state(global_state)
-    optimizer: torch.optim.Optimizer
-    if settings.optimizer == "adam":
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
+    optimizer = make_optimizer(model, settings)
     loader = DataLoader(
         TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=dp.batch_size
     )

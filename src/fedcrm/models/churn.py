@@ -81,6 +81,20 @@ class TrainSettings:
     momentum: float = 0.9
 
 
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The local optimiser ``settings`` names, over ``model``'s parameters."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+
+
 def train_local(
     model: ChurnMLP,
     x: np.ndarray,
@@ -97,18 +111,7 @@ def train_local(
     """
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt: torch.optim.Optimizer
-    if settings.optimizer == "adam":
-        opt = torch.optim.Adam(
-            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-        )
-    else:
-        opt = torch.optim.SGD(
-            model.parameters(),
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
+    opt = make_optimizer(model, settings)
     loss_fn = nn.BCEWithLogitsLoss()
     anchors = (
         [global_state[name].detach().clone() for name, _ in model.named_parameters()]

@@ -12,15 +12,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedcrm.compliance import (
-    Accountant,
     ApiKeyStore,
-    Decision,
     LedgerEntry,
-    Mechanism,
-    NeighbouringRelation,
     Notice,
-    PrivacyUnit,
-    SamplingMethod,
 )
 from fedcrm.compliance.api import create_app
 from fedcrm.compliance.api.deps import Services
@@ -32,6 +26,7 @@ from fedcrm.compliance.core.config import (
     Settings,
     get_settings,
 )
+from support import ledger_entry
 
 NOTICE = Notice.from_text("crm-privacy-notice", "2026-01", "notice text")
 GIVE = {
@@ -77,28 +72,15 @@ def api(store: sessionmaker[Session], db_url: str) -> Api:
     return _api(store, db_url)
 
 
-def ledger_entry(round_: int, cumulative: float, branch: str = "b1") -> LedgerEntry:
-    return LedgerEntry(
-        run_id="run-1",
+def _ledger_entry(round_: int, cumulative: float, branch: str = "b1") -> LedgerEntry:
+    return ledger_entry(
         round=round_,
         branch=branch,
-        model="churn",
-        purpose="churn-model-training",
-        privacy_unit=PrivacyUnit.RECORD,
-        neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
-        mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
-        noise_multiplier=1.1,
-        clipping_norm=1.0,
         sampling_rate=0.05,
-        sampling_method=SamplingMethod.POISSON,
         steps=20,
-        delta=1e-5,
-        accountant=Accountant.RDP,
-        library_version="opacus 1.6.0",
         epsilon=0.5,
         cumulative_epsilon=cumulative,
         epsilon_budget=8.0,
-        decision=Decision.ADMITTED,
     )
 
 
@@ -185,7 +167,7 @@ def test_aggregates_are_scoped_to_a_branch_keys_branch(api: Api) -> None:
             channel="web",
             actor="customer",
         )
-        ledger.append(ledger_entry(0, 0.5, branch))
+        ledger.append(_ledger_entry(0, 0.5, branch))
     own = api.client.get("/consent/coverage", headers=api.branch2).json()
     assert {item["branch"] for item in own} == {"b2"}
     totals = api.client.get("/ledger/totals", headers=api.branch2).json()
@@ -266,7 +248,7 @@ def test_csv_import_over_http_is_all_or_nothing(api: Api) -> None:
 
 def test_ledger_routes_and_burn_down(api: Api) -> None:
     for round_, cumulative in enumerate((0.5, 1.0, 1.6)):
-        api.services.ledger.append(ledger_entry(round_, cumulative))
+        api.services.ledger.append(_ledger_entry(round_, cumulative))
     series = api.client.get("/ledger/burn-down", headers=api.researcher).json()
     assert len(series) == 1
     assert series[0]["budget"] == 8.0
@@ -420,7 +402,7 @@ def test_pages_need_an_officer_key_in_their_cookie(api: Api) -> None:
 
 def test_pages_chart_numbers_come_from_the_ledger(api: Api) -> None:
     for round_, cumulative in enumerate((0.5, 1.0, 1.6)):
-        api.services.ledger.append(ledger_entry(round_, cumulative))
+        api.services.ledger.append(_ledger_entry(round_, cumulative))
     api.client.cookies.set("fedcrm_officer_key", api.officer["X-API-Key"])
     html = api.client.get("/pages/").text
     for value in ("0.5", "1.0", "1.6"):

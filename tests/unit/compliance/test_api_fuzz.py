@@ -20,20 +20,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 
 from fedcrm.compliance import (
-    Accountant,
-    Decision,
-    LedgerEntry,
-    Mechanism,
-    NeighbouringRelation,
     Notice,
-    PrivacyUnit,
-    SamplingMethod,
     open_store,
     sqlite_url,
 )
 from fedcrm.compliance.api import create_app
 from fedcrm.compliance.api.deps import Services
 from fedcrm.compliance.core.config import Settings
+from support import ledger_entry
 
 MAX_EXAMPLES = 5
 """Examples per endpoint and key; keeps the whole fuzz test well under a minute."""
@@ -57,27 +51,14 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
             at=datetime(2026, 1, 1, tzinfo=UTC),
         )
     services.ledger.append(
-        LedgerEntry(
+        ledger_entry(
             run_id="run-1",
             round=0,
             branch="b1",
-            model="churn",
-            purpose="churn-model-training",
-            privacy_unit=PrivacyUnit.RECORD,
-            neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
-            mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
             noise_multiplier=1.0,
-            clipping_norm=1.0,
             sampling_rate=0.1,
-            sampling_method=SamplingMethod.POISSON,
             steps=10,
-            delta=1e-5,
-            accountant=Accountant.RDP,
-            library_version="opacus 1.6.0",
-            epsilon=0.4,
-            cumulative_epsilon=0.4,
             epsilon_budget=8.0,
-            decision=Decision.ADMITTED,
         )
     )
     services.audit.checkpoint(Ed25519PrivateKey.generate())

@@ -14,16 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedcrm.compliance import (
-    Accountant,
     CumulativeEpsilonDecrease,
-    Decision,
     EventType,
-    LedgerEntry,
-    Mechanism,
-    NeighbouringRelation,
     PrivacyLedger,
-    PrivacyUnit,
-    SamplingMethod,
     StoreError,
     current_revision,
     downgrade,
@@ -36,6 +29,7 @@ from fedcrm.compliance import (
 )
 from fedcrm.compliance.audit import AuditEvent, AuditLog
 from fedcrm.compliance.models import Base, PrivacyLedgerEntry
+from support import ledger_entry
 
 TABLES = {
     "alembic_version",
@@ -64,26 +58,16 @@ def exercise(factory: sessionmaker[Session], key: Ed25519PrivateKey) -> None:
     ledger = PrivacyLedger(factory, audit=log)
     log.append(AuditEvent(EventType.CONSENT_CHANGE, {"status": "given"}, "p_0001"))
     ledger.append(
-        LedgerEntry(
+        ledger_entry(
             run_id="r",
             round=0,
             branch="b",
-            model="churn",
-            purpose="churn-model-training",
-            privacy_unit=PrivacyUnit.RECORD,
-            neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
-            mechanism=Mechanism.SUBSAMPLED_GAUSSIAN,
             noise_multiplier=1.0,
-            clipping_norm=1.0,
             sampling_rate=0.1,
-            sampling_method=SamplingMethod.POISSON,
             steps=10,
-            delta=1e-5,
-            accountant=Accountant.RDP,
-            library_version="opacus 1.6.0",
             epsilon=0.3,
             cumulative_epsilon=0.3,
-            decision=Decision.ADMITTED,
+            epsilon_budget=None,
         )
     )
     log.shred_subject("p_0001", reason="erasure")

@@ -18,42 +18,18 @@ from fedcrm.compliance import (
     EventType,
     LedgerEntry,
     LedgerError,
-    Mechanism,
-    NeighbouringRelation,
     PrivacyLedger,
     PrivacyUnit,
     SamplingMethod,
 )
 from fedcrm.compliance.audit import AuditLog
+from support import ledger_entry
 
 PURPOSE = "churn-model-training"
 
 
 def entry(**changes: Any) -> LedgerEntry:
-    base: dict[str, Any] = {
-        "run_id": "run-1",
-        "round": 1,
-        "branch": "north",
-        "model": "churn",
-        "purpose": PURPOSE,
-        "privacy_unit": PrivacyUnit.RECORD,
-        "neighbouring_relation": NeighbouringRelation.ADD_REMOVE,
-        "mechanism": Mechanism.SUBSAMPLED_GAUSSIAN,
-        "noise_multiplier": 1.1,
-        "clipping_norm": 1.0,
-        "sampling_rate": 0.01,
-        "sampling_method": SamplingMethod.POISSON,
-        "steps": 100,
-        "delta": 1e-5,
-        "accountant": Accountant.RDP,
-        "library_version": "opacus 1.6.0",
-        "epsilon": 0.4,
-        "cumulative_epsilon": 0.4,
-        "decision": Decision.ADMITTED,
-        "epsilon_budget": 3.0,
-    }
-    base.update(changes)
-    return LedgerEntry(**base)
+    return ledger_entry(**changes)
 
 
 def test_append_and_queries(store: sessionmaker[Session]) -> None:

@@ -9,6 +9,7 @@ from fedcrm.cli import app
 from fedcrm.compliance import LedgerEntry, PrivacyLedger, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError
 from fedcrm.simulation.config import load_experiment, parse_experiment, to_toml_dict
+from support import ledger_entry
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -52,27 +53,17 @@ def test_dp_examples_load(name: str) -> None:
 def _entry(**changes: object) -> LedgerEntry:
     values: dict[str, object] = {
         "run_id": "r1",
-        "round": 1,
         "branch": "CA",
-        "model": "churn",
-        "purpose": "churn-model-training",
         "privacy_unit": "customer",
-        "neighbouring_relation": "add-remove",
-        "mechanism": "subsampled-gaussian",
         "noise_multiplier": 1.2,
-        "clipping_norm": 1.0,
         "sampling_rate": 0.2,
-        "sampling_method": "poisson",
         "steps": 5,
         "delta": 0.01,
-        "accountant": "rdp",
-        "library_version": "opacus 1.6.0",
         "epsilon": 1.0,
         "cumulative_epsilon": 1.0,
-        "decision": "admitted",
+        "epsilon_budget": None,
     }
-    values.update(changes)
-    return LedgerEntry(**values)  # type: ignore[arg-type]
+    return ledger_entry(**{**values, **changes})
 
 
 def test_ledger_show(tmp_path: Path) -> None:
