@@ -1,0 +1,498 @@
+"""Branch-level (central) DP through Flower's own DP wrappers, with fedcrm's accounting.
+
+Wrapping order inside the coordinator::
+
+    ValidatedStrategy            drops NaN / wrong-shape / unclipped replies (check_reply below)
+      CentralDPStrategy          budget check, CSPRNG reseed, equal weights, ledger, ε
+        DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping   Flower: clip + noise
+          FedAvg / FedProx       the plain weighted mean (its aggregate_train unchanged)
+
+What fedcrm adds around Flower's wrappers, and why:
+    * Accounting: Flower's fixed-clipping accountant refuses any strategy whose
+      ``aggregate_train`` is not FedAvg's, and its adaptive wrappers have none. fedcrm's
+      :class:`fedcrm.privacy.branch_accounting.BranchLevelAccountant` accounts for all four
+      variants, continues from the ledger's history and writes one ledger row per round
+      (privacy unit ``branch``, branch ``federation``).
+    * Exact sensitivity: Flower adds ``z C / m`` to the weighted mean; that is ``z C`` on the sum
+      only if the weights are equal and ``m`` is the number of updates averaged. The inner
+      strategy is therefore made to weight training replies by a constant
+      (``central-dp-weight`` = 1, set on the instance for the call, never by subclassing), and
+      ``num_sampled_clients`` is set to the number of replies that passed validation, every
+      round. Exactly-zero updates (Flower's clipping would divide by their norm) are left out
+      of Flower's call and the mean is rescaled to all replies, which gives the same noise.
+    * Adaptive clipping: Flower 1.41 updates the clipping norm before it adds the noise, so the
+      noise of round t is scaled by ``C_{t+1}`` while updates were clipped to ``C_t`` (too
+      little noise whenever ``C`` shrinks), and its update
+      ``C *= exp(-lr (clipped_fraction - quantile))`` uses the *clipped* fraction where Andrew
+      et al. use the unclipped one, which drives ``C`` to 0 or infinity. fedcrm patches the
+      wrapper instance (``_geometric_update``) to postpone the update until after the noise and
+      to apply Andrew et al.'s rule ``C *= exp(-lr ((1 - clipped_fraction) - quantile))`` to the
+      same noisy count.
+    * Client-side variants: the branch clips (``fixedclipping_mod`` / ``adaptiveclipping_mod``,
+      see :mod:`fedcrm.client.central_dp_mod`); the server still checks that every update's norm
+      is at most ``C`` (a branch that did not clip is left out) because the guarantee depends on
+      it.
+    * Randomness: NumPy's global generator, which Flower's noise comes from, is reseeded from
+      the OS CSPRNG right before each aggregation (see
+      :func:`fedcrm.privacy.branch_accounting.reseed_global_numpy` for the limits; Opacus's
+      ``secure_mode`` is unavailable because torchcsprng does not install).
+"""
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
+
+from fedcrm import constants as k
+from fedcrm.compliance import (
+    Accountant,
+    Decision,
+    LedgerEntry,
+    Mechanism,
+    NeighbouringRelation,
+    PrivacyLedger,
+    PrivacyUnit,
+    SamplingMethod,
+)
+from fedcrm.exceptions import ConfigError, FedCrmError
+from fedcrm.privacy import dp_sgd
+from fedcrm.privacy.branch_accounting import (
+    CENTRAL_SAMPLE_RATE,
+    LEDGER_SCOPE,
+    BranchLevelAccountant,
+    BranchNoisePlan,
+    CentralDPConfig,
+    CentralDPMode,
+    flower_noise_multiplier,
+    reseed_global_numpy,
+)
+from fedcrm.strategies.validated import check_update
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_KEY: Final = "central-dp-weight"
+"""The constant weight the inner FedAvg averages by under central DP (equal weights)."""
+NORM_BIT_KEY: Final = "norm_bit"
+"""Flower's clipped bit (``flwr.supercore.differential_privacy.KEY_NORM_BIT``)."""
+NORM_RTOL: Final = 1e-4
+"""Relative slack of the server's check that a branch-clipped update has norm <= C (float32)."""
+
+FlowerDPWrapper = (
+    DifferentialPrivacyServerSideFixedClipping
+    | DifferentialPrivacyClientSideFixedClipping
+    | DifferentialPrivacyServerSideAdaptiveClipping
+    | DifferentialPrivacyClientSideAdaptiveClipping
+)
+
+
+class CentralBudgetExhausted(FedCrmError):
+    """The next round would take the federation's branch-level ε past its budget."""
+
+
+@dataclass
+class CentralRound:
+    """What one released round spent."""
+
+    round: int
+    replies: int
+    clipping_norm: float
+    epsilon_round: float
+    epsilon: float
+
+
+@dataclass
+class CentralDPSummary:
+    """Branch-level DP of a run, for the summary and the report."""
+
+    description: str
+    plan: BranchNoisePlan
+    rounds: list[CentralRound] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON data."""
+        return {
+            "privacy_unit": str(PrivacyUnit.BRANCH),
+            "neighbouring_relation": str(NeighbouringRelation.ADD_REMOVE),
+            "mechanism": str(Mechanism.GAUSSIAN),
+            "sampling": "none (q = 1, no amplification claimed)",
+            "description": self.description,
+            "noise": self.plan.describe(),
+            "effective_noise_multiplier": self.plan.effective_noise_multiplier,
+            "update_noise_multiplier": self.plan.update_noise_multiplier,
+            "clipped_count_stddev": self.plan.clipped_count_stddev,
+            "delta": self.plan.delta,
+            "accountant": self.plan.accountant,
+            "library_version": f"opacus {dp_sgd.OPACUS_VERSION}",
+            "planned_epsilon": self.plan.planned_epsilon,
+            "epsilon": self.rounds[-1].epsilon if self.rounds else 0.0,
+            "rounds": [r.__dict__ for r in self.rounds],
+        }
+
+
+def _flower_wrapper(
+    inner: Strategy, cfg: CentralDPConfig, plan: BranchNoisePlan
+) -> FlowerDPWrapper:
+    # num_sampled_clients is a placeholder: CentralDPStrategy sets it to the number of updates
+    # aggregated, every round, before Flower computes the noise.
+    z, c = plan.update_noise_multiplier, cfg.clipping_norm
+    if not cfg.mode.adaptive:
+        fixed = (
+            DifferentialPrivacyServerSideFixedClipping
+            if cfg.mode is CentralDPMode.SERVER_FIXED
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        return fixed(inner, z, c, 1)
+    sigma_b = plan.clipped_count_stddev
+    if sigma_b is None:  # pragma: no cover - plan() sets it for adaptive modes
+        raise ConfigError("adaptive clipping needs a clipped-count standard deviation")
+    adaptive = (
+        DifferentialPrivacyServerSideAdaptiveClipping
+        if cfg.mode is CentralDPMode.SERVER_ADAPTIVE
+        else DifferentialPrivacyClientSideAdaptiveClipping
+    )
+    wrapper = adaptive(
+        inner,
+        flower_noise_multiplier(z, sigma_b),
+        1,
+        initial_clipping_norm=c,
+        target_clipped_quantile=cfg.target_quantile,
+        clip_norm_lr=cfg.clip_norm_lr,
+        clipped_count_stddev=sigma_b,
+    )
+    if not math.isclose(wrapper.noise_multiplier, z, rel_tol=1e-9):
+        raise FedCrmError(  # pragma: no cover - guards against a change in Flower's formula
+            f"Flower's adaptive wrapper adds noise multiplier {wrapper.noise_multiplier}, "
+            f"fedcrm planned {z}"
+        )
+    return wrapper
+
+
+def _update_norm(reply: Message, sent: list[np.ndarray]) -> float:
+    record = next(iter(reply.content.array_records.values()))
+    squares = 0.0
+    for got, ref in zip(record.to_numpy_ndarrays(), sent, strict=True):
+        diff = got.astype(np.float64) - ref.astype(np.float64)
+        squares += float(np.sum(diff * diff))
+    return math.sqrt(squares)
+
+
+def _rescale(arrays: ArrayRecord, sent: list[np.ndarray], factor: float) -> ArrayRecord:
+    """``g + factor (arrays - g)``: the mean over m' updates turned into the mean over m."""
+    return ArrayRecord(
+        {
+            name: Array((ref + factor * (got - ref)).astype(got.dtype))
+            for (name, got), ref in zip(
+                zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True), sent, strict=True
+            )
+        }
+    )
+
+
+class CentralDPStrategy(Strategy):
+    """Branch-level central DP around a FedAvg-family strategy, with fedcrm's accounting.
+
+    Args:
+        inner: FedAvg or FedProx (a strategy whose ``aggregate_train`` is FedAvg's).
+        config: The ``[central-dp]`` settings.
+        rounds: Rounds of this run (the noise is planned for them).
+        ledger: Where each round's ε is recorded (and the earlier history is read from).
+        run_id: The run's id in the ledger.
+
+    Raises:
+        ConfigError: The inner strategy is not FedAvg's mean (FedAdam, a robust aggregator).
+        fedcrm.privacy.accounting.NoiseCalibrationError: The target ε cannot be reached.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        config: CentralDPConfig,
+        *,
+        rounds: int,
+        ledger: PrivacyLedger | None = None,
+        run_id: str = "run",
+    ) -> None:
+        if not isinstance(inner, FedAvg) or type(inner).aggregate_train is not (
+            FedAvg.aggregate_train
+        ):
+            raise ConfigError(
+                f"central DP needs FedAvg's mean as the inner aggregation, got "
+                f"{type(inner).__name__}: Flower's wrappers add noise after the inner strategy, "
+                "so a server optimiser or robust aggregator would not be covered by the analysis"
+            )
+        self.inner = inner
+        self._weight_key = inner.weighted_by_key
+        self.config = config
+        self.plan = config.plan(rounds)
+        self.dp = _flower_wrapper(inner, config, self.plan)
+        self.ledger = ledger
+        self.run_id = run_id
+        history = self._ledger_history()
+        self.accountant = BranchLevelAccountant(
+            accountant=config.accountant, delta=config.delta, history=history
+        )
+        self.summary_data = CentralDPSummary(config.describe(), self.plan)
+        self._sent: list[np.ndarray] | None = None
+        self._sent_record: ArrayRecord | None = None
+        self._sent_names: list[str] = []
+        self._pending_fraction: list[float] = []
+        if isinstance(self.dp, DifferentialPrivacyAdaptiveBase):
+            # Instance patch (not a subclass): defer Flower's clip-norm update until after the
+            # noise is added, then apply Andrew et al.'s rule (see the module docstring).
+            self.dp._geometric_update = self._pending_fraction.append  # type: ignore[method-assign,assignment]
+        logger.info("central DP: %s; %s", config.describe(), self.plan.describe())
+        if history:
+            logger.info(
+                "central DP: continuing from %d earlier released rounds (epsilon %.4g)",
+                len(history),
+                self.accountant.epsilon(),
+            )
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    def _ledger_history(self) -> list[float]:
+        if self.ledger is None:
+            return []
+        out: list[float] = []
+        for entry in self.ledger.entries(
+            branch=LEDGER_SCOPE, model=self.config.model, purpose=self.config.purpose
+        ):
+            if entry.decision != Decision.ADMITTED or entry.privacy_unit != PrivacyUnit.BRANCH:
+                continue
+            if entry.accountant != Accountant(self.config.accountant) or not math.isclose(
+                entry.delta, self.config.delta, rel_tol=1e-12
+            ):
+                raise ConfigError(
+                    f"the ledger's branch-level history for ({self.config.model}, "
+                    f"{self.config.purpose}) was accounted with {entry.accountant} at delta "
+                    f"{entry.delta:g}; keep accountant {entry.accountant} and delta "
+                    f"{entry.delta:g} (or use another ledger)"
+                )
+            out.extend([entry.noise_multiplier] * entry.steps)
+        return out
+
+    def _entry(
+        self,
+        server_round: int,
+        *,
+        epsilon: float,
+        cumulative: float,
+        decision: Decision,
+        reason: str | None = None,
+        clipping_norm: float | None = None,
+    ) -> LedgerEntry:
+        return LedgerEntry(
+            run_id=self.run_id,
+            round=server_round,
+            branch=LEDGER_SCOPE,
+            model=self.config.model,
+            purpose=self.config.purpose,
+            privacy_unit=PrivacyUnit.BRANCH,
+            neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
+            mechanism=Mechanism.GAUSSIAN,
+            noise_multiplier=self.plan.effective_noise_multiplier,
+            clipping_norm=self.clipping_norm if clipping_norm is None else clipping_norm,
+            sampling_rate=CENTRAL_SAMPLE_RATE,
+            sampling_method=SamplingMethod.NONE,
+            steps=1,
+            delta=self.config.delta,
+            accountant=Accountant(self.config.accountant),
+            library_version=f"opacus {dp_sgd.OPACUS_VERSION}",
+            epsilon=epsilon,
+            cumulative_epsilon=cumulative,
+            decision=decision,
+            reason=reason,
+            epsilon_budget=self.config.budget,
+        )
+
+    @property
+    def clipping_norm(self) -> float:
+        """The clipping norm of the current round."""
+        return float(self.dp.clipping_norm)
+
+    # -- Strategy ---------------------------------------------------------------------------
+
+    def summary(self) -> None:
+        """Log the settings and delegate."""
+        logger.info("CentralDPStrategy: %s", self.config.describe())
+        self.dp.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Refuse the round if it would exceed the budget; otherwise delegate to Flower's wrapper.
+
+        Raises:
+            CentralBudgetExhausted: The round would take ε past the budget (recorded as refused
+                in the ledger first).
+        """
+        budget = self.config.budget
+        z = self.plan.effective_noise_multiplier
+        if budget is not None:
+            projected = self.accountant.projected_epsilon(z)
+            if projected > budget:
+                current = self.accountant.epsilon()
+                reason = (
+                    f"branch-level epsilon would reach {projected:.4g} > budget {budget:g} for "
+                    f"({self.config.model}, {self.config.purpose}) at delta {self.config.delta:g}"
+                )
+                if self.ledger is not None:
+                    self.ledger.append(
+                        self._entry(
+                            server_round,
+                            epsilon=BranchLevelAccountant(
+                                accountant=self.config.accountant,
+                                delta=self.config.delta,
+                                history=[z],
+                            ).epsilon(),
+                            cumulative=current,
+                            decision=Decision.REFUSED,
+                            reason=reason,
+                        )
+                    )
+                raise CentralBudgetExhausted(f"round {server_round}: {reason}")
+        self._sent_record = arrays
+        self._sent = arrays.to_numpy_ndarrays()
+        self._sent_names = list(arrays.keys())
+        return self.dp.configure_train(server_round, arrays, config, grid)
+
+    def check_reply(self, server_round: int, reply: Message) -> str | None:
+        """Why ``reply`` cannot be aggregated under central DP, or ``None`` if it can.
+
+        The plain checks (names, shapes, finite values, a positive example count), then, in the
+        client-side variants, that the update's norm is at most this round's ``C`` (the branch
+        clipped it) and, with adaptive clipping, that it reports its clipped bit.
+        """
+        if self._sent is None or self._sent_record is None:
+            return "central DP: reply before configure_train"
+        reason = check_update(self._sent_record, reply, k.KEY_NUM_EXAMPLES)
+        if reason is not None:
+            return reason
+        norm = _update_norm(reply, self._sent)
+        c = self.clipping_norm
+        if self.config.mode.client_side and norm > c * (1 + NORM_RTOL):
+            return f"central DP: update norm {norm:.6g} exceeds the clipping norm {c:.6g}"
+        if self.config.mode is CentralDPMode.CLIENT_ADAPTIVE:
+            metrics = next(iter(reply.content.metric_records.values()))
+            if metrics.get(NORM_BIT_KEY) not in (0, 1):
+                return "central DP: reply has no clipped bit (adaptiveclipping_mod missing)"
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip (server-side variants), average with equal weights, add noise, account.
+
+        ``replies`` have passed :meth:`check_reply` (through ``ValidatedStrategy``).
+        """
+        good = list(replies)
+        if not good:
+            return None, None
+        for reply in good:
+            for record in reply.content.metric_records.values():
+                record[WEIGHT_KEY] = 1.0
+        clipping_norm = self.clipping_norm
+        m = len(good)
+        sent = self._sent if self._sent is not None else []
+        # An exactly-zero update (e.g. a branch whose loss gradient underflows) is a valid
+        # contribution, but Flower's clipping divides by its norm. It adds nothing to the sum,
+        # so Flower averages the others (m' of them, noise z C / m') and the result is rescaled
+        # to the mean over all m: g + (m'/m)(out' - g) has noise z C / m, exactly as if Flower
+        # had averaged all m (see _rescale).
+        nonzero = [r for r in good if _update_norm(r, sent) > 0.0]
+        self._pending_fraction.clear()
+        reseed_global_numpy()
+        if nonzero:
+            self.dp.num_sampled_clients = len(nonzero)
+            # Equal weights (sensitivity C on the sum) for training only; evaluation replies
+            # keep the inner strategy's own weight key.
+            self.inner.weighted_by_key = WEIGHT_KEY
+            try:
+                arrays, metrics = self.dp.aggregate_train(server_round, nonzero)
+            finally:
+                self.inner.weighted_by_key = self._weight_key
+            if arrays is None:
+                return None, metrics
+            if len(nonzero) < m:
+                arrays = _rescale(arrays, sent, len(nonzero) / m)
+        else:  # every update is zero: the same mechanism, noise only
+            std = self.plan.update_noise_multiplier * clipping_norm / m
+            arrays = ArrayRecord(
+                {
+                    name: Array((ref + np.random.normal(0.0, std, ref.shape)).astype(ref.dtype))
+                    for name, ref in zip(self._sent_names, sent, strict=True)
+                }
+            )
+            metrics = MetricRecord()
+            if self.plan.clipped_count_stddev is not None:
+                noisy = float(np.random.normal(0.0, self.plan.clipped_count_stddev))
+                self._pending_fraction.append(noisy / m)
+        if isinstance(self.dp, DifferentialPrivacyAdaptiveBase):
+            scale = len(nonzero) / m if nonzero else 1.0  # zero updates are never clipped
+            for clipped_fraction in self._pending_fraction:
+                # Andrew et al. 2021: C <- C exp(-lr (unclipped fraction - quantile)).
+                unclipped = 1.0 - clipped_fraction * scale
+                self.dp.clipping_norm *= math.exp(
+                    -self.dp.clip_norm_lr * (unclipped - self.config.target_quantile)
+                )
+        epsilon_round, epsilon = self.accountant.record(self.plan.effective_noise_multiplier)
+        if self.ledger is not None:
+            self.ledger.append(
+                self._entry(
+                    server_round,
+                    epsilon=epsilon_round,
+                    cumulative=epsilon,
+                    decision=Decision.ADMITTED,
+                    clipping_norm=clipping_norm,
+                )
+            )
+        self.summary_data.rounds.append(
+            CentralRound(server_round, m, clipping_norm, epsilon_round, epsilon)
+        )
+        out = MetricRecord(
+            {
+                key: value
+                for key, value in (metrics or MetricRecord()).items()
+                if key not in (NORM_BIT_KEY, WEIGHT_KEY)  # the exact clipped share is private
+            }
+        )
+        out["central-dp-epsilon"] = epsilon
+        out["central-dp-clipping-norm"] = clipping_norm
+        out["central-dp-branches"] = m
+        logger.info(
+            "round %d: central DP noise on %d branch updates (C = %.4g), branch-level epsilon "
+            "%.4g (round %.4g) at delta %g",
+            server_round,
+            m,
+            clipping_norm,
+            epsilon,
+            epsilon_round,
+            self.config.delta,
+        )
+        return arrays, out
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate."""
+        return self.dp.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate."""
+        return self.dp.aggregate_evaluate(server_round, replies)

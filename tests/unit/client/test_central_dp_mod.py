@@ -1,0 +1,85 @@
+"""Client-side clipping mods: Flower's clipping where it applies, hand-through elsewhere."""
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcrm.client.central_dp_mod import adaptive_clipping_mod, fixed_clipping_mod
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _task_identity() -> Iterator[None]:
+    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
+    for name in saved:
+        setattr(TaskIdentity, name, 1)
+    yield
+    for name, value in saved.items():
+        setattr(TaskIdentity, name, value)
+
+
+GLOBAL = np.linspace(-1, 1, 12).astype(np.float32)
+
+
+def _msg(kind: str = "train", clip: float | None = 1.0) -> Message:
+    config = ConfigRecord({} if clip is None else {"clipping_norm": clip})
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(GLOBAL.copy())}), "config": config})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def _app(delta: np.ndarray | None) -> Callable[[Message, Context], Message]:
+    def app(msg: Message, _ctxt: Context) -> Message:
+        if delta is None:  # a record-level refusal: metrics and no parameters
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+        arrays = ArrayRecord({"w": Array((GLOBAL + delta).astype(np.float32))})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10})})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def _ctx() -> Context:
+    return Context(1, 7, {}, RecordDict(), {})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=12, max_size=12),
+    st.floats(0.01, 10),
+)
+def test_branch_clipped_update_norm_is_at_most_c(values: list[float], clip: float) -> None:
+    delta = np.array(values, dtype=np.float32)
+    out = adaptive_clipping_mod(_msg(clip=clip), _ctx(), _app(delta))
+    assert not out.has_error()
+    got = out.content.array_records["arrays"]["w"].numpy().astype(np.float64) - GLOBAL
+    assert np.linalg.norm(got) <= clip * (1 + 1e-5) + 1e-5
+    bit = out.content.metric_records["metrics"]["norm_bit"]
+    norm = float(np.linalg.norm(delta.astype(np.float64)))
+    if norm > clip * (1 + 1e-4):
+        assert bit == 1
+    elif norm < clip * (1 - 1e-4):
+        assert bit == 0
+
+
+def test_other_messages_and_refusals_pass_through() -> None:
+    delta = np.full(12, 5.0, dtype=np.float32)
+    for msg in (_msg(kind="evaluate"), _msg(clip=None), _msg(kind="query.moments")):
+        out = fixed_clipping_mod(msg, _ctx(), _app(delta))
+        assert not out.has_error()
+        got = out.content.array_records["arrays"]["w"].numpy() - GLOBAL
+        np.testing.assert_allclose(got, delta, rtol=1e-6)  # untouched
+    refusal = fixed_clipping_mod(_msg(), _ctx(), _app(None))
+    assert not refusal.has_error() and not refusal.content.array_records
+
+
+@pytest.mark.parametrize("mod", [fixed_clipping_mod, adaptive_clipping_mod], ids=["fixed", "adapt"])
+def test_zero_update_is_sent_unclipped(mod: Callable[..., Message]) -> None:
+    out = mod(_msg(), _ctx(), _app(np.zeros(12, dtype=np.float32)))
+    assert not out.has_error()
+    np.testing.assert_array_equal(out.content.array_records["arrays"]["w"].numpy(), GLOBAL)
+    if mod is adaptive_clipping_mod:
+        assert out.content.metric_records["metrics"]["norm_bit"] == 0

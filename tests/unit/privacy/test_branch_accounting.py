@@ -1,0 +1,147 @@
+"""Branch-level accounting: monotone ε, recomputation, planning, adaptive clipping, config."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcrm.exceptions import ConfigError
+from fedcrm.privacy.accounting import AccountingEvent, compute_epsilon, recompute_check
+from fedcrm.privacy.branch_accounting import (
+    CENTRAL_SAMPLE_RATE,
+    BranchLevelAccountant,
+    CentralDPConfig,
+    CentralDPMode,
+    effective_noise_multiplier,
+    flower_noise_multiplier,
+    parse_central_dp,
+    reseed_global_numpy,
+    update_noise_for,
+)
+
+DELTA = 1e-5
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.5, 8.0]), min_size=1, max_size=6))
+def test_epsilon_never_decreases_across_rounds(sigmas: list[float]) -> None:
+    accountant = BranchLevelAccountant(accountant="rdp", delta=DELTA)
+    last = 0.0
+    for sigma in sigmas:
+        alone, cumulative = accountant.record(sigma)
+        assert alone > 0
+        assert cumulative >= last
+        assert cumulative >= alone - 1e-12
+        last = cumulative
+
+
+def test_recompute_from_stored_events_prv_not_above_rdp() -> None:
+    accountant = BranchLevelAccountant(accountant="rdp", delta=DELTA)
+    for sigma in (3.0, 3.0, 2.5, 4.0):
+        _, cumulative = accountant.record(sigma)
+    report = recompute_check(
+        accountant.events, delta=DELTA, recorded_epsilon=cumulative, recorded_accountant="rdp"
+    )
+    assert report.matches
+    assert report.prv_le_rdp
+    assert report.prv_epsilon < report.rdp_epsilon
+    # A second accountant built from the stored σ's only (as the ledger keeps them) agrees.
+    again = BranchLevelAccountant(
+        accountant="rdp", delta=DELTA, history=[e.noise_multiplier for e in accountant.events]
+    )
+    assert again.epsilon() == pytest.approx(cumulative, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("target", "accountant"),
+    [(1.0, "rdp"), (8.0, "rdp"), (64.0, "rdp")],
+    ids=["rdp-eps1", "rdp-eps8", "rdp-eps64"],
+)
+def test_planned_noise_gives_total_epsilon_at_most_target(target: float, accountant: str) -> None:
+    cfg = CentralDPConfig(target_epsilon=target, delta=DELTA, accountant=accountant)  # type: ignore[arg-type]
+    plan = cfg.plan(30)
+    assert plan.planned_epsilon <= target
+    assert plan.planned_epsilon > 0.9 * target  # not wastefully noisy either
+    total = compute_epsilon(
+        [AccountingEvent(plan.effective_noise_multiplier, CENTRAL_SAMPLE_RATE, 1)] * 30,
+        delta=DELTA,
+        accountant=accountant,  # type: ignore[arg-type]
+    )
+    assert total <= target
+    # The tighter PRV accountant gives at most the same ε for the planned noise.
+    prv = compute_epsilon(
+        [AccountingEvent(plan.effective_noise_multiplier, CENTRAL_SAMPLE_RATE, 30)],
+        delta=DELTA,
+        accountant="prv",
+    )
+    assert prv <= total
+
+
+def test_adaptive_accounting_is_worse_than_fixed_at_equal_noise() -> None:
+    z = 2.0
+    fixed = BranchLevelAccountant(accountant="rdp", delta=DELTA, history=[z] * 10)
+    z_eff = effective_noise_multiplier(z, clipped_count_stddev=4.0)
+    adaptive = BranchLevelAccountant(accountant="rdp", delta=DELTA, history=[z_eff] * 10)
+    assert z_eff < z
+    assert adaptive.epsilon() > fixed.epsilon()
+
+
+def test_flower_centred_count_calibration_understates_noise() -> None:
+    # Flower (Andrew et al.'s centred bits) turns z into z_update; with Flower's uncentred bits
+    # the round is only as private as z_eff < z.
+    z, sigma_b = 1.0, 2.0
+    z_update = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
+    assert flower_noise_multiplier(z_update, sigma_b) == pytest.approx(z)
+    assert effective_noise_multiplier(z_update, sigma_b) < z
+    # Our inverse gives back the planned effective multiplier.
+    assert effective_noise_multiplier(update_noise_for(z, sigma_b), sigma_b) == pytest.approx(z)
+
+
+def test_adaptive_plan_defaults_count_noise_and_raises_update_noise() -> None:
+    cfg = CentralDPConfig(mode=CentralDPMode.SERVER_ADAPTIVE, noise_multiplier=1.5)
+    plan = cfg.plan(5)
+    assert plan.clipped_count_stddev == pytest.approx(3.0)
+    assert plan.update_noise_multiplier == pytest.approx(1.5 / math.sqrt(0.75))
+    assert plan.effective_noise_multiplier == 1.5
+
+
+def test_reseed_changes_numpy_noise() -> None:
+    reseed_global_numpy()
+    first = np.random.normal(size=4)
+    reseed_global_numpy()
+    assert not np.array_equal(first, np.random.normal(size=4))
+
+
+@pytest.mark.parametrize(
+    ("table", "match"),
+    [
+        ({"mode": "server-fixed", "target-epsilon": 0}, "target-epsilon must be a finite"),
+        ({"mode": "server-fixed", "target-epsilon": -1.0}, "target-epsilon must be a finite"),
+        ({"mode": "server-fixed", "target-epsilon": 3, "delta": 0}, "0 < delta < 1"),
+        ({"mode": "server-fixed", "target-epsilon": 3, "delta": 1.0}, "0 < delta < 1"),
+        ({"mode": "server-fixed", "target-epsilon": 3, "clipping-norm": 0}, "clipping-norm"),
+        ({"mode": "server-fixed", "target-epsilon": 3, "noise-multiplier": 1}, "exactly one"),
+        ({"mode": "server-fixed"}, "exactly one"),
+        ({"mode": "server-sideways", "target-epsilon": 3}, "mode must be one of"),
+        ({"target-epsilon": 3}, "needs mode"),
+        ({"mode": "server-fixed", "target-epsilon": 3, "epsilon": 3}, "unknown key"),
+        ({"mode": "client-adaptive", "noise-multiplier": 2, "target-quantile": 1.0}, "quantile"),
+        ({"mode": "client-adaptive", "noise-multiplier": 2, "clip-norm-lr": 0}, "clip-norm-lr"),
+        (
+            {"mode": "server-adaptive", "noise-multiplier": 2, "clipped-count-stddev": 1.5},
+            "must exceed",
+        ),
+        ({"mode": "server-fixed", "target-epsilon": 3, "accountant": "gdp"}, "accountant"),
+    ],
+    ids=lambda v: str(v)[:40] if isinstance(v, str) else None,
+)
+def test_bad_config_is_a_clear_config_error(table: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_central_dp(table)
+
+
+def test_accountant_rejects_bad_delta() -> None:
+    with pytest.raises(Exception, match="0 < delta < 1"):
+        BranchLevelAccountant(accountant="rdp", delta=0.0)
