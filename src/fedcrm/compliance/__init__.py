@@ -19,6 +19,7 @@ from fedcrm.compliance.apikeys import ApiKeyInfo, ApiKeyStore, Principal
 from fedcrm.compliance.consent import (
     ConsentRecordView,
     ConsentRegistry,
+    ConsentSnapshot,
     CoverageCount,
     HistoryEntry,
     ImportSummary,
@@ -69,12 +70,20 @@ from fedcrm.compliance.errors import (
     ImportRowError,
     KeyFileError,
     LedgerError,
+    ManifestError,
     ProofError,
     SignatureError,
     StoreError,
     SubjectShredded,
 )
 from fedcrm.compliance.ledger import LedgerEntry, LedgerTotal, PrivacyLedger
+from fedcrm.compliance.lineage import LineageStore, customer_lineage
+from fedcrm.compliance.manifest import (
+    ConsentRefusal,
+    ManifestArchive,
+    RefusalCode,
+    RoundManifest,
+)
 
 __all__ = [
     "Accountant",
@@ -92,7 +101,9 @@ __all__ = [
     "ConsentImportError",
     "ConsentNotFound",
     "ConsentRecordView",
+    "ConsentRefusal",
     "ConsentRegistry",
+    "ConsentSnapshot",
     "ConsentStateError",
     "ConsentStatus",
     "ConsentValidationError",
@@ -110,6 +121,9 @@ __all__ = [
     "LedgerError",
     "LedgerTotal",
     "LegalBasis",
+    "LineageStore",
+    "ManifestArchive",
+    "ManifestError",
     "Mechanism",
     "NeighbouringRelation",
     "Notice",
@@ -119,12 +133,15 @@ __all__ = [
     "ProofError",
     "Purpose",
     "PurposeStatus",
+    "RefusalCode",
     "Role",
+    "RoundManifest",
     "SamplingMethod",
     "SignatureError",
     "StoreError",
     "SubjectShredded",
     "current_revision",
+    "customer_lineage",
     "downgrade",
     "head_revision",
     "make_engine",

@@ -26,6 +26,7 @@ from fedcrm.compliance.errors import (
     ConsentImportError,
     ConsentNotFound,
     ConsentStateError,
+    ManifestError,
 )
 
 EXIT_REFUSED = 1
@@ -235,3 +236,75 @@ def apikey_revoke(
     if not revoked:
         raise _fail(f"no active key {key_id!r}", EXIT_REFUSED)
     typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def lineage(
+    db: DbOption = None,
+    branch: Annotated[str | None, typer.Option(help="Only this branch's manifests.")] = None,
+    run: Annotated[str | None, typer.Option(help="Only this run.")] = None,
+    customer: Annotated[
+        str | None,
+        typer.Option(help="A customer's pseudonymous id: which rounds and models it reached."),
+    ] = None,
+    branch_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="The branch's consent folder (salts and archived manifests); with --customer."
+        ),
+    ] = None,
+) -> None:
+    """Show which runs, rounds and models used a branch's data, or one customer's.
+
+    Without ``--customer``: the manifests the coordinator recorded (roots and counts). With
+    ``--customer``, run on the branch: its salts recompute the customer's commitment, which is
+    checked against every archived round (RFC 9162 inclusion proof) and the recorded root.
+    Exits 1 when the customer has no commitment on this branch.
+    """
+    from fedcrm.compliance.lineage import LineageStore, customer_lineage
+    from fedcrm.compliance.manifest import ManifestArchive
+
+    try:
+        store = LineageStore(open_store(_url(db), migrate=False))
+        if customer is None:
+            uses = store.uses(branch=branch, run_id=run)
+        else:
+            if branch is None or branch_dir is None:
+                raise _fail("--customer needs --branch and --branch-dir")
+            folder = branch_dir / "consent" if (branch_dir / "consent").is_dir() else branch_dir
+            rounds = customer_lineage(
+                customer, ManifestArchive(folder), branch=branch, store=store, run_id=run
+            )
+    except ManifestError as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from exc
+    except ComplianceError as exc:
+        raise _fail(str(exc)) from exc
+    if customer is None:
+        if not uses:
+            typer.echo("no round manifest recorded for this selection")
+        for use in uses:
+            m = use.record.manifest
+            excluded = ", ".join(f"{n} {r}" for r, n in sorted(m.excluded.items())) or "none"
+            models = ", ".join(f"{r.model} {r.sha256[:12]}" for r in use.models) or "-"
+            typer.echo(
+                f"{use.record.run_id} round {use.record.round} {m.branch}: "
+                f"{m.rows_after}/{m.rows_before} rows (excluded: {excluded}), "
+                f"root {m.root[:16]}, consent snapshot {m.snapshot_version}, "
+                f"audit #{use.record.audit_index}, models: {models}"
+            )
+        return
+    for item in rounds:
+        member = item.membership
+        where = f"{member.run_id} round {member.round}"
+        if member.included:
+            models = ", ".join(f"{r.model} {r.sha256[:12]}" for r in item.models) or "-"
+            verdict = (
+                f"included (leaf {member.leaf_index} of {member.tree_size}, proof of "
+                f"{len(member.proof)} hashes verified), models: {models}"
+            )
+        else:
+            verdict = f"not included (not among the {member.tree_size} committed customers)"
+        check = "root matches the coordinator's record"
+        if not item.root_matches:
+            check = "NO RECORD of this root at the coordinator"
+        typer.echo(f"{where}: {verdict}; {check}")

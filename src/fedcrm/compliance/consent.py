@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import String, and_, case, func, literal, or_, select
+from sqlalchemy import String, and_, case, func, insert, literal, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedcrm.compliance._types import utcnow
 from fedcrm.compliance.audit._events import AuditEvent, validate_subject_ref
-from fedcrm.compliance.audit._log import AuditLog
+from fedcrm.compliance.audit._log import INSERT_CHUNK, QUERY_CHUNK, AuditLog
 from fedcrm.compliance.db import transaction
 from fedcrm.compliance.enums import (
     Channel,
@@ -308,6 +308,28 @@ class CoverageCount:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsentSnapshot:
+    """The consent state of every known customer of a branch for one purpose, at one time.
+
+    ``states`` maps a pseudonymous id to ``valid``, ``expired``, ``refused``, ``withdrawn``
+    or ``erased``; a customer with no event for the purpose is absent (no consent). ``since``
+    is the time of that customer's latest event for the purpose. ``version`` is the audit-log
+    index of the branch's latest consent change (-1: the branch has none).
+    """
+
+    branch: str
+    purpose: Purpose
+    at: datetime
+    version: int
+    states: Mapping[str, str]
+    since: Mapping[str, datetime]
+
+    def valid(self) -> frozenset[str]:
+        """Return the customers whose consent is valid at :attr:`at`."""
+        return frozenset(s for s, state in self.states.items() if state == "valid")
+
+
+@dataclass(frozen=True, slots=True)
 class ImportSummary:
     """What a successful bulk import wrote."""
 
@@ -345,14 +367,59 @@ class _Latest:
         return self.event.is_valid and (self.expires_at is None or self.expires_at > at)
 
 
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """A change that passed the status rules, with what it inherits from the latest event."""
+
+    subject: str
+    record_id: str
+    change: _Change
+    legal_basis: LegalBasis
+    notice: Notice
+    collection_method: CollectionMethod
+    expires_at: datetime | None
+
+    def body(self, branch: str) -> dict[str, Any]:
+        """The body of its ``consent-change`` audit event (stored encrypted)."""
+        return {
+            "record_id": self.record_id,
+            "branch": branch,
+            "purpose": self.change.purpose.value,
+            "event": self.change.event.value,
+            "legal_basis": self.legal_basis.value,
+            "occurred_at": _fmt(self.change.occurred_at),
+            "expires_at": _fmt(self.expires_at),
+            "actor": self.change.actor,
+            "channel": self.change.channel.value,
+            "collection_method": self.collection_method.value,
+            "notice": self.notice.to_json(),
+        }
+
+
 @dataclass(slots=True)
 class _Batch:
-    """Per-transaction state of a change: records and latest events seen so far."""
+    """Per-transaction state of a change: what the store holds and what is planned so far.
 
+    :meth:`ConsentRegistry._load` fills ``records``, ``erased`` and ``latest`` for every
+    subject of the batch at once; :meth:`ConsentRegistry._plan` checks each change against
+    ``latest`` (then moves it on), and :meth:`ConsentRegistry._write` writes the plan in bulk.
+    """
+
+    branch: str
     records: dict[str, ConsentRecord] = field(default_factory=dict)
+    erased: set[str] = field(default_factory=set)
     latest: dict[tuple[str, Purpose], _Latest] = field(default_factory=dict)
-    created: int = 0
-    events: int = 0
+    new_records: list[ConsentRecord] = field(default_factory=list)
+    planned: list[_Planned] = field(default_factory=list)
+
+
+def _chunks(values: Sequence[Any], size: int | None = None) -> Iterable[Sequence[Any]]:
+    step = QUERY_CHUNK if size is None else size
+    for start in range(0, len(values), step):
+        yield values[start : start + step]
+
+
+_ERASED = "the customer was erased (crypto-shredded); no further consent is recorded"
 
 
 def _transition_problem(latest: _Latest | None, change: _Change) -> str | None:
@@ -695,12 +762,22 @@ class ConsentRegistry:
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 with transaction(self._factory) as session:
-                    batch = _Batch()
-                    errors = self._apply(
-                        session, batch, branch, subject, changes, must_exist=must_exist
-                    )
+                    batch = _Batch(branch)
+                    self._load(session, batch, [subject])
+                    if subject in batch.erased:
+                        raise ConsentStateError(_ERASED)
+                    if must_exist and subject not in batch.records:
+                        raise ConsentNotFound(
+                            f"no consent record for this customer at branch {branch!r}"
+                        )
+                    errors = [
+                        problem
+                        for change in changes
+                        if (problem := self._plan(batch, subject, change)) is not None
+                    ]
                     if errors:
                         raise ConsentStateError("; ".join(errors))
+                    self._write(session, batch)
                     view = self._view(session, batch.records[subject])
             except IntegrityError:
                 # Only a concurrent first change for the same customer can collide on the
@@ -712,45 +789,168 @@ class ConsentRegistry:
             return view
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _record_for(
-        self, session: Session, batch: _Batch, branch: str, subject: str, *, create: bool
-    ) -> ConsentRecord | None:
+    def _load(self, session: Session, batch: _Batch, subjects: Sequence[str]) -> None:
+        """Read the store's state of ``subjects`` into ``batch`` in a few chunked queries.
+
+        Their records (locked, so a concurrent change of the same customer waits), whether
+        they were erased, and each record's latest event per purpose: one query of each per
+        :data:`~fedcrm.compliance.audit._log.QUERY_CHUNK` subjects, however long the file.
+        """
+        wanted = sorted(set(subjects) - batch.records.keys())
+        for chunk in _chunks(wanted):
+            records = session.execute(
+                select(ConsentRecord)
+                .where(ConsentRecord.branch == batch.branch, ConsentRecord.subject_ref.in_(chunk))
+                .with_for_update()
+            ).scalars()
+            batch.records.update((record.subject_ref, record) for record in records)
+            erased = session.execute(
+                select(AuditBodyKey.subject_ref).where(
+                    AuditBodyKey.subject_ref.in_(chunk), AuditBodyKey.shredded_at.is_not(None)
+                )
+            ).scalars()
+            batch.erased.update(subject for subject in erased if subject is not None)
+        owners = {
+            batch.records[subject].record_id: subject
+            for subject in wanted
+            if subject in batch.records
+        }
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=(ConsentEvent.record_id, ConsentEvent.purpose),
+                order_by=(ConsentEvent.occurred_at.desc(), ConsentEvent.id.desc()),
+            )
+            .label("rank")
+        )
+        for chunk in _chunks(sorted(owners)):
+            ranked = (
+                select(
+                    ConsentEvent.record_id,
+                    ConsentEvent.purpose,
+                    ConsentEvent.event,
+                    ConsentEvent.legal_basis,
+                    ConsentEvent.occurred_at,
+                    ConsentEvent.expires_at,
+                    ConsentEvent.collection_method,
+                    ConsentEvent.notice_id,
+                    ConsentEvent.notice_version,
+                    ConsentEvent.notice_hash,
+                    rank,
+                )
+                .where(ConsentEvent.record_id.in_(chunk))
+                .subquery()
+            )
+            for row in session.execute(select(ranked).where(ranked.c.rank == 1)):
+                batch.latest[(owners[row.record_id], Purpose(row.purpose))] = _Latest(
+                    ConsentStatus(row.event),
+                    LegalBasis(row.legal_basis),
+                    row.occurred_at,
+                    row.expires_at,
+                    CollectionMethod(row.collection_method),
+                    Notice(row.notice_id, row.notice_version, row.notice_hash),
+                )
+
+    @staticmethod
+    def _plan(batch: _Batch, subject: str, change: _Change) -> str | None:
+        """Check one change against the subject's latest events and plan it.
+
+        Returns the problem instead when the change breaks the status rules (nothing is
+        planned then). The subject must have been loaded by :meth:`_load`.
+        """
+        if subject in batch.erased:
+            return _ERASED
+        latest = batch.latest.get((subject, change.purpose))
+        problem = _transition_problem(latest, change)
+        if problem is not None:
+            return problem
+        notice = change.notice or (latest.notice if latest else None)
+        if notice is None:  # pragma: no cover - _transition_problem refuses it
+            return f"{change.purpose.value}: a notice is required"
         record = batch.records.get(subject)
-        if record is not None:
-            return record
-        record = session.execute(
-            select(ConsentRecord)
-            .where(ConsentRecord.branch == branch, ConsentRecord.subject_ref == subject)
-            .with_for_update()
-        ).scalar_one_or_none()
         if record is None:
-            if not create:
-                return None
             record = ConsentRecord(
                 record_id=secrets.token_hex(16),
-                branch=branch,
+                branch=batch.branch,
                 subject_ref=subject,
                 created_at=utcnow(),
             )
-            session.add(record)
-            session.flush()
-            batch.created += 1
-        batch.records[subject] = record
-        for row in session.execute(
-            select(ConsentEvent)
-            .where(ConsentEvent.record_id == record.record_id)
-            .order_by(ConsentEvent.occurred_at, ConsentEvent.id)
-        ).scalars():
-            entry = _row_to_entry(row)
-            batch.latest[(subject, entry.purpose)] = _Latest(
-                entry.event,
-                entry.legal_basis,
-                entry.occurred_at,
-                entry.expires_at,
-                entry.collection_method,
-                entry.notice,
-            )
-        return record
+            batch.records[subject] = record
+            batch.new_records.append(record)
+        planned = _Planned(
+            subject=subject,
+            record_id=record.record_id,
+            change=change,
+            legal_basis=change.legal_basis
+            or (latest.legal_basis if latest else LegalBasis.CONSENT),
+            notice=notice,
+            collection_method=change.collection_method
+            or (latest.collection_method if latest else CollectionMethod.ONLINE_FORM),
+            expires_at=change.expires_at if change.event.is_valid else None,
+        )
+        batch.planned.append(planned)
+        batch.latest[(subject, change.purpose)] = _Latest(
+            change.event,
+            planned.legal_basis,
+            change.occurred_at,
+            planned.expires_at,
+            planned.collection_method,
+            notice,
+        )
+        return None
+
+    def _write(self, session: Session, batch: _Batch) -> None:
+        """Write a checked plan: new records, one audit event per change, the history rows.
+
+        Bulk statements throughout; the audit events go through
+        :meth:`AuditLog.append_many` (one lock of the log head, the subjects' keys read or
+        created together), and each history row carries its event's leaf index.
+        """
+        records = [
+            {
+                "record_id": record.record_id,
+                "branch": record.branch,
+                "subject_ref": record.subject_ref,
+                "created_at": record.created_at,
+            }
+            for record in batch.new_records
+        ]
+        for chunk in _chunks(records, INSERT_CHUNK):
+            session.execute(insert(ConsentRecord), chunk)
+        recorded = utcnow()
+        entries = self._audit.append_many(
+            [
+                AuditEvent(
+                    EventType.CONSENT_CHANGE,
+                    planned.body(batch.branch),
+                    subject=planned.subject,
+                    time=recorded,
+                )
+                for planned in batch.planned
+            ],
+            session=session,
+        )
+        events = [
+            {
+                "record_id": planned.record_id,
+                "purpose": planned.change.purpose,
+                "event": planned.change.event,
+                "legal_basis": planned.legal_basis,
+                "occurred_at": planned.change.occurred_at,
+                "expires_at": planned.expires_at,
+                "actor": planned.change.actor,
+                "channel": planned.change.channel,
+                "collection_method": planned.collection_method,
+                "notice_id": planned.notice.notice_id,
+                "notice_version": planned.notice.version,
+                "notice_hash": planned.notice.sha256,
+                "audit_index": entry.index,
+                "recorded_at": recorded,
+            }
+            for planned, entry in zip(batch.planned, entries, strict=True)
+        ]
+        for chunk in _chunks(events, INSERT_CHUNK):
+            session.execute(insert(ConsentEvent), chunk)
 
     @staticmethod
     def _is_erased(session: Session, subject: str) -> bool:
@@ -758,88 +958,6 @@ class ConsentRegistry:
             select(AuditBodyKey.shredded_at).where(AuditBodyKey.subject_ref == subject)
         ).scalar_one_or_none()
         return shredded is not None
-
-    def _apply(
-        self,
-        session: Session,
-        batch: _Batch,
-        branch: str,
-        subject: str,
-        changes: Sequence[_Change],
-        *,
-        must_exist: bool,
-    ) -> list[str]:
-        """Validate and write ``changes`` for one customer; return the problems (none written).
-
-        On problems the caller must roll back: earlier changes of the same call may be flushed.
-        """
-        if subject not in batch.records and self._is_erased(session, subject):
-            return ["the customer was erased (crypto-shredded); no further consent is recorded"]
-        if must_exist and subject not in batch.records:
-            exists = self._record_for(session, batch, branch, subject, create=False)
-            if exists is None:
-                raise ConsentNotFound(f"no consent record for this customer at branch {branch!r}")
-        record = self._record_for(session, batch, branch, subject, create=True)
-        if record is None:  # pragma: no cover - create=True always returns a record
-            raise ConsentError("the consent record could not be created")
-        problems: list[str] = []
-        for change in changes:
-            latest = batch.latest.get((subject, change.purpose))
-            problem = _transition_problem(latest, change)
-            if problem is not None:
-                problems.append(problem)
-                continue
-            basis = change.legal_basis or (latest.legal_basis if latest else LegalBasis.CONSENT)
-            notice = change.notice or (latest.notice if latest else None)
-            method = change.collection_method or (
-                latest.collection_method if latest else CollectionMethod.ONLINE_FORM
-            )
-            if notice is None:  # pragma: no cover - _transition_problem refuses it
-                problems.append(f"{change.purpose.value}: a notice is required")
-                continue
-            expires = change.expires_at if change.event.is_valid else None
-            recorded = utcnow()
-            body = {
-                "record_id": record.record_id,
-                "branch": branch,
-                "purpose": change.purpose.value,
-                "event": change.event.value,
-                "legal_basis": basis.value,
-                "occurred_at": _fmt(change.occurred_at),
-                "expires_at": _fmt(expires),
-                "actor": change.actor,
-                "channel": change.channel.value,
-                "collection_method": method.value,
-                "notice": notice.to_json(),
-            }
-            entry = self._audit.append(
-                AuditEvent(EventType.CONSENT_CHANGE, body, subject=subject, time=recorded),
-                session=session,
-            )
-            session.add(
-                ConsentEvent(
-                    record_id=record.record_id,
-                    purpose=change.purpose,
-                    event=change.event,
-                    legal_basis=basis,
-                    occurred_at=change.occurred_at,
-                    expires_at=expires,
-                    actor=change.actor,
-                    channel=change.channel,
-                    collection_method=method,
-                    notice_id=notice.notice_id,
-                    notice_version=notice.version,
-                    notice_hash=notice.sha256,
-                    audit_index=entry.index,
-                    recorded_at=recorded,
-                )
-            )
-            batch.events += 1
-            batch.latest[(subject, change.purpose)] = _Latest(
-                change.event, basis, change.occurred_at, expires, method, notice
-            )
-        session.flush()
-        return problems
 
     # -- bulk import -----------------------------------------------------------------------
 
@@ -878,22 +996,25 @@ class ConsentRegistry:
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 with transaction(self._factory) as session:
-                    batch = _Batch()
+                    batch = _Batch(branch)
+                    self._load(session, batch, list(by_subject))
                     errors = list(parse_errors)
                     for subject, changes in by_subject.items():
                         for change in changes:
-                            for reason in self._apply(
-                                session, batch, branch, subject, [change], must_exist=False
-                            ):
-                                errors.append(ImportRowError(change.line, reason))
+                            problem = self._plan(batch, subject, change)
+                            if problem is not None:
+                                errors.append(ImportRowError(change.line, problem))
                     if errors:
                         errors.sort(key=lambda error: error.line)
                         raise ConsentImportError(errors)
+                    self._write(session, batch)
             except IntegrityError:
                 if attempt == _ATTEMPTS:
                     raise
                 continue
-            summary = ImportSummary(branch, rows, batch.created, batch.events, len(by_subject))
+            summary = ImportSummary(
+                branch, rows, len(batch.new_records), len(batch.planned), len(by_subject)
+            )
             logger.info(
                 "consent: imported %d row(s), %d customer(s) at branch %s",
                 rows,
@@ -1023,6 +1144,7 @@ class ConsentRegistry:
                 ConsentRecord.subject_ref,
                 ConsentEvent.purpose,
                 ConsentEvent.event,
+                ConsentEvent.occurred_at,
                 ConsentEvent.expires_at,
                 AuditBodyKey.shredded_at,
                 rank,
@@ -1067,6 +1189,62 @@ class ConsentRegistry:
         )
         with self._factory() as session:
             return frozenset(session.execute(query).scalars())
+
+    def snapshot(
+        self, branch: str, purpose: Purpose | str, at: datetime | None = None
+    ) -> ConsentSnapshot:
+        """Return every known customer's consent state for ``purpose`` at ``at``, in one query.
+
+        The consent gate's view of a branch: which customers are valid, and why the others are
+        not (refused, withdrawn, expired, erased). A customer with no event for the purpose is
+        absent. The snapshot's version is the audit-log index of the branch's latest consent
+        change, so the exact registry state a round used can be proven from the audit log.
+
+        Raises:
+            ConsentValidationError: Unknown purpose, or a naive ``at``.
+        """
+        problems: list[str] = []
+        chosen = _enum(purpose, Purpose, "purpose", problems)
+        if problems:
+            raise ConsentValidationError(problems)
+        moment = self._moment(at)
+        latest = self._latest_events(moment, chosen, branch)
+        query = select(
+            latest.c.subject_ref,
+            latest.c.event,
+            latest.c.occurred_at,
+            latest.c.expires_at,
+            latest.c.shredded_at,
+        ).where(latest.c.rank == 1)
+        version_query = (
+            select(func.max(ConsentEvent.audit_index))
+            .join(ConsentRecord, ConsentRecord.record_id == ConsentEvent.record_id)
+            .where(ConsentRecord.branch == branch)
+        )
+        states: dict[str, str] = {}
+        since: dict[str, datetime] = {}
+        with self._factory() as session:
+            for subject, event, occurred, expires, shredded in session.execute(query):
+                status = ConsentStatus(event)
+                if shredded is not None:
+                    state = "erased"
+                elif status.is_valid and (expires is None or expires > moment):
+                    state = "valid"
+                elif status.is_valid:
+                    state = "expired"
+                else:
+                    state = status.value
+                states[subject] = state
+                since[subject] = occurred
+            version = session.execute(version_query).scalar_one_or_none()
+        return ConsentSnapshot(
+            branch=branch,
+            purpose=chosen,
+            at=moment,
+            version=-1 if version is None else int(version),
+            states=states,
+            since=since,
+        )
 
     def coverage(
         self, *, at: datetime | None = None, branch: str | None = None

@@ -15,6 +15,7 @@ Hierarchy::
         │   ├── ConsentImportError a bulk CSV import was refused (every bad row listed)
         │   ├── ConsentNotFound    no consent record for this customer at this branch
         │   └── ConsentStateError  the change does not follow from the current status
+        ├── ManifestError          a round manifest or a branch's manifest file is malformed
         ├── LedgerError            a privacy-ledger entry is refused
         │   └── CumulativeEpsilonDecrease
         │                          an entry would lower a cumulative ε
@@ -104,6 +105,10 @@ class ConsentNotFound(ConsentError):
 
 class ConsentStateError(ConsentError):
     """The change does not follow from the current status (e.g. withdrawing nothing)."""
+
+
+class ManifestError(ComplianceError):
+    """A round manifest (or a branch's salts or manifest file) is malformed or inconsistent."""
 
 
 class LedgerError(ComplianceError):

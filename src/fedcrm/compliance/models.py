@@ -15,6 +15,7 @@ Tables:
     ``consent_events``: the append-only consent history (database triggers refuse UPDATE and
     DELETE); the current status of a purpose is its latest event.
     ``api_keys``: API keys of the compliance service, stored as SHA-256 hashes only.
+    ``round_manifests``, ``model_releases``: lineage of federated runs (append-only).
 """
 
 from __future__ import annotations
@@ -305,3 +306,52 @@ class ApiKey(Base):
     label: Mapped[str] = mapped_column(String(_REF_LENGTH))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+class RoundManifestRow(Base):
+    """The public part of one branch's round manifest (lineage; never a customer id).
+
+    ``root`` is the Merkle root over the salted commitments of the customers the branch used;
+    ``audit_index`` the leaf of its ``round-manifest`` audit event (same transaction).
+    """
+
+    __tablename__ = "round_manifests"
+    __table_args__ = (
+        CheckConstraint("round >= 0", name="round_non_negative"),
+        CheckConstraint(
+            "rows_after >= 0 AND rows_after <= rows_before AND leaves = rows_after",
+            name="counts",
+        ),
+        UniqueConstraint("run_id", "round", "branch", name="uq_round_manifests_run_round"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(_REF_LENGTH), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    branch: Mapped[str] = mapped_column(String(_REF_LENGTH), index=True)
+    purpose: Mapped[Purpose] = mapped_column(_str_enum(Purpose, "purpose"))
+    root: Mapped[str] = mapped_column(String(64))
+    leaves: Mapped[int] = mapped_column(Integer)
+    snapshot_version: Mapped[int] = mapped_column(BigInteger)
+    rows_before: Mapped[int] = mapped_column(Integer)
+    rows_after: Mapped[int] = mapped_column(Integer)
+    excluded: Mapped[str] = mapped_column(Text)
+    """JSON object: rows left out by the consent gate, by reason."""
+    audit_index: Mapped[int] = mapped_column(BigInteger, ForeignKey("audit_entries.seq"))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelRelease(Base):
+    """A released model file: its SHA-256 and the last round whose updates it includes."""
+
+    __tablename__ = "model_releases"
+    __table_args__ = (CheckConstraint("last_round >= 0", name="last_round_non_negative"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(_REF_LENGTH), index=True)
+    model: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    sha256: Mapped[str] = mapped_column(String(64))
+    last_round: Mapped[int] = mapped_column(Integer)
+    file_name: Mapped[str] = mapped_column(String(255))
+    audit_index: Mapped[int] = mapped_column(BigInteger, ForeignKey("audit_entries.seq"))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -10,9 +10,9 @@ here on purpose. Researchers' responses (:class:`CoveragePublic`, :class:`Ledger
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from fedcrm.compliance.apikeys import Principal
 from fedcrm.compliance.audit._log import ConsistencyProof, InclusionProof
@@ -40,6 +40,7 @@ from fedcrm.compliance.enums import (
     Role,
 )
 from fedcrm.compliance.ledger import LedgerEntry, LedgerTotal
+from fedcrm.compliance.lineage import ManifestRecord, ReleaseRecord, RoundUse, RunSummary
 
 NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
 """Branches, customer ids (pseudonyms) and notice ids."""
@@ -591,3 +592,138 @@ class ErrorPublic(_Out):
     detail: str
     problems: list[str] = []
     errors: list[ImportRowErrorPublic] = []
+
+
+# -- lineage -------------------------------------------------------------------------------
+
+HEX_HASH_PATTERN = r"^[0-9a-f]{64}$"
+"""A lower-case hex SHA-256 (manifest roots, model hashes, proof nodes)."""
+
+
+class ManifestPublic(_Out):
+    """A branch's round manifest as the coordinator recorded it (a root and counts, no ids)."""
+
+    run_id: str
+    round: int
+    branch: str
+    purpose: Purpose
+    root: str
+    leaves: int
+    consent_snapshot_version: int
+    rows_before: int
+    rows_after: int
+    excluded: dict[str, int]
+    audit_index: int
+    recorded_at: datetime
+
+    @classmethod
+    def from_domain(cls, record: ManifestRecord) -> ManifestPublic:
+        """Build from the domain object."""
+        m = record.manifest
+        return cls(
+            run_id=record.run_id,
+            round=record.round,
+            branch=m.branch,
+            purpose=m.purpose,
+            root=m.root,
+            leaves=m.leaves,
+            consent_snapshot_version=m.snapshot_version,
+            rows_before=m.rows_before,
+            rows_after=m.rows_after,
+            excluded=dict(m.excluded),
+            audit_index=record.audit_index,
+            recorded_at=record.recorded_at,
+        )
+
+
+class ModelReleasePublic(_Out):
+    """A released model: the SHA-256 of its file and the last round it includes."""
+
+    run_id: str
+    model: str
+    sha256: str
+    last_round: int
+    file_name: str
+    audit_index: int
+    recorded_at: datetime
+
+    @classmethod
+    def from_domain(cls, release: ReleaseRecord) -> ModelReleasePublic:
+        """Build from the domain object."""
+        return cls(
+            run_id=release.run_id,
+            model=release.model,
+            sha256=release.sha256,
+            last_round=release.last_round,
+            file_name=release.file_name,
+            audit_index=release.audit_index,
+            recorded_at=release.recorded_at,
+        )
+
+
+class RoundUsePublic(_Out):
+    """One round that used a branch's data, and the released models that include it."""
+
+    manifest: ManifestPublic
+    models: list[ModelReleasePublic]
+
+    @classmethod
+    def from_domain(cls, use: RoundUse) -> RoundUsePublic:
+        """Build from the domain object."""
+        return cls(
+            manifest=ManifestPublic.from_domain(use.record),
+            models=[ModelReleasePublic.from_domain(m) for m in use.models],
+        )
+
+
+class LineageRunPublic(_Out):
+    """Aggregates of one run's lineage (researchers see these only)."""
+
+    run_id: str
+    rounds: int
+    branches: int
+    manifests: int
+    rows_used: int
+    rows_excluded: int
+    models: int
+
+    @classmethod
+    def from_domain(cls, run: RunSummary) -> LineageRunPublic:
+        """Build from the domain object."""
+        return cls(
+            run_id=run.run_id,
+            rounds=run.rounds,
+            branches=run.branches,
+            manifests=run.manifests,
+            rows_used=run.rows_used,
+            rows_excluded=run.rows_excluded,
+            models=run.models,
+        )
+
+
+class MembershipCheckCreate(_In):
+    """A branch's claim that a customer was in a round, to check against the recorded root.
+
+    The branch discloses the customer's salt for this check only; the service recomputes the
+    commitment and verifies the RFC 9162 inclusion proof against the root it recorded.
+    """
+
+    run_id: str = _Name
+    round: int = Field(ge=0, le=1_000_000)
+    branch: str = _Name
+    customer_id: str = _Name
+    salt: str = Field(pattern=r"^[0-9a-f]{32}$", description="The customer's 16-byte salt, hex.")
+    leaf_index: int = Field(ge=0, le=1 << 40)
+    tree_size: int = Field(ge=1, le=1 << 40)
+    proof: list[Annotated[str, StringConstraints(pattern=HEX_HASH_PATTERN)]] = Field(
+        default_factory=list, max_length=64
+    )
+
+
+class MembershipCheckPublic(_Out):
+    """Whether the claim verified against the recorded root."""
+
+    verified: bool
+    root: str
+    audit_index: int
+    detail: str

@@ -27,6 +27,8 @@ from fedcrm.compliance import (
 from fedcrm.compliance.api import create_app
 from fedcrm.compliance.api.deps import Services
 from fedcrm.compliance.core.config import Settings
+from fedcrm.compliance.lineage import LineageStore
+from fedcrm.compliance.manifest import ManifestArchive
 from support import ledger_entry
 
 MAX_EXAMPLES = 5
@@ -61,6 +63,25 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
             epsilon_budget=8.0,
         )
     )
+    lineage = LineageStore(services.factory, audit=services.audit)
+    archive = ManifestArchive(Path(tmp_path_factory.mktemp("fuzz-branch")))
+    manifest = archive.commit(
+        run_id="run-1",
+        server_round=1,
+        customers=["p_1", "p_2"],
+        manifest_fields={
+            "branch": "b1",
+            "purpose": "churn-model-training",
+            "snapshot_version": 1,
+            "rows_before": 2,
+            "rows_after": 2,
+        },
+        created_at=datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    lineage.record_manifest(run_id="run-1", server_round=1, manifest=manifest)
+    model = Path(tmp_path_factory.mktemp("fuzz-model")) / "model.safetensors"
+    model.write_bytes(b"model")
+    lineage.record_release(run_id="run-1", model="churn", path=model, last_round=1)
     services.audit.checkpoint(Ed25519PrivateKey.generate())
     app.state.fuzz_tokens = {
         "officer": services.keys.create("officer", label="fuzz")[1],
@@ -85,6 +106,7 @@ def test_no_endpoint_answers_5xx(fuzz_app: FastAPI) -> None:
     operations = _operations(fuzz_app)
     paths = {operation.path for operation in operations}
     assert {"/consent/{branch}/import", "/audit/export", "/ropa", "/ledger/burn-down"} <= paths
+    assert {"/lineage/runs", "/lineage/manifests", "/lineage/membership"} <= paths
     assert len(paths) >= 18
     for operation in operations:
 

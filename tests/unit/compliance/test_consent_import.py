@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,8 +16,11 @@ from fedcrm.compliance import (
     Notice,
     Purpose,
 )
-from fedcrm.compliance.audit import AuditLog
-from fedcrm.compliance.models import ConsentEvent, ConsentRecord
+from fedcrm.compliance import consent as consent_module
+from fedcrm.compliance.audit import AuditLog, EventType
+from fedcrm.compliance.audit import _log as log_module
+from fedcrm.compliance.enums import KeyScope
+from fedcrm.compliance.models import AuditBodyKey, ConsentEvent, ConsentRecord
 
 NOTICE = Notice.from_text("crm-privacy-notice", "2026-01", "notice text")
 HEADER = (
@@ -47,7 +51,10 @@ def csv_of(*rows: str, header: str = HEADER) -> str:
     return "\n".join((header, *rows)) + "\n"
 
 
-def count(store: sessionmaker[Session], model: type[ConsentEvent] | type[ConsentRecord]) -> int:
+def count(
+    store: sessionmaker[Session],
+    model: type[ConsentEvent] | type[ConsentRecord] | type[AuditBodyKey],
+) -> int:
     with store() as session:
         return int(session.execute(select(func.count()).select_from(model)).scalar_one())
 
@@ -158,3 +165,74 @@ def test_branch_and_actor_are_validated(store: sessionmaker[Session]) -> None:
     with pytest.raises(ConsentValidationError) as caught:
         ConsentRegistry(store).import_csv(branch="b 1", source=csv_of(row("p_1")), actor="")
     assert len(caught.value.problems) == 2
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny query and insert chunks, so that a small file crosses every chunk boundary."""
+    monkeypatch.setattr(consent_module, "QUERY_CHUNK", 7)
+    monkeypatch.setattr(consent_module, "INSERT_CHUNK", 5)
+    monkeypatch.setattr(log_module, "QUERY_CHUNK", 7)
+    monkeypatch.setattr(log_module, "INSERT_CHUNK", 5)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_a_bulk_import_writes_one_event_and_one_provable_leaf_per_row(
+    any_store: sessionmaker[Session], signing_key: Ed25519PrivateKey
+) -> None:
+    registry = ConsentRegistry(any_store)
+    log = AuditLog(any_store)
+    first = [row(f"p_{i:03d}") for i in range(40)]
+    first += [row(f"p_{i:03d}", purpose="recommendation-training") for i in range(10)]
+    registry.import_csv(branch="b1", source=csv_of(*first), actor="importer")
+    # A second file: customers already in the store (their latest events are read back in
+    # chunks) withdraw or renew, and new customers arrive.
+    second = [row(f"p_{i:03d}", "withdrawn", at="2026-02-01T00:00:00Z") for i in range(0, 40, 3)]
+    second += [row(f"p_{i:03d}", "renewed", at="2026-02-01T00:00:00Z") for i in range(1, 40, 3)]
+    second += [row(f"p_new_{i}") for i in range(6)]
+    summary = registry.import_csv(branch="b1", source=csv_of(*second), actor="importer")
+    assert (summary.rows, summary.events, summary.records_created) == (len(second), 33, 6)
+
+    rows = len(first) + len(second)
+    with any_store() as session:
+        events = session.execute(select(ConsentEvent).order_by(ConsentEvent.audit_index)).scalars()
+        indices = [event.audit_index for event in events]
+        key_rows = session.execute(
+            select(AuditBodyKey.subject_ref, AuditBodyKey.key_id).where(
+                AuditBodyKey.scope == KeyScope.SUBJECT
+            )
+        )
+        subject_keys = {row.subject_ref: row.key_id for row in key_rows}
+    assert indices == list(range(rows))
+    assert log.size() == rows
+    assert len(subject_keys) == 46  # one body key per customer (crypto-shredding)
+    checkpoint = log.checkpoint(signing_key)
+    for index in indices:
+        log.inclusion_proof(index, checkpoint.tree_size).verify(checkpoint.root_hash)
+        entry = log.entry(index)
+        assert entry.event_type is EventType.CONSENT_CHANGE
+        assert entry.subject is not None
+        assert entry.key_id == subject_keys[entry.subject]
+    body = log.read_body(len(first))
+    assert (body["event"], body["branch"]) == ("withdrawn", "b1")
+    assert log.verify().ok
+    valid = registry.valid_for("b1", Purpose.CHURN_MODEL_TRAINING, AFTER)
+    assert len(valid) == 40 - 14 + 6
+    assert "p_000" not in valid
+    assert "p_001" in valid
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_one_bad_row_in_a_large_file_imports_nothing(any_store: sessionmaker[Session]) -> None:
+    registry = ConsentRegistry(any_store)
+    rows = [row(f"p_{i:03d}") for i in range(60)]
+    rows[41] = row("p_041", "withdrawn")  # line 43: nothing to withdraw
+    with pytest.raises(ConsentImportError) as caught:
+        registry.import_csv(branch="b1", source=csv_of(*rows), actor="importer")
+    assert [
+        (error.line, "nothing to withdraw" in error.reason) for error in caught.value.errors
+    ] == [(43, True)]
+    assert count(any_store, ConsentEvent) == 0
+    assert count(any_store, ConsentRecord) == 0
+    assert count(any_store, AuditBodyKey) == 0
+    assert AuditLog(any_store).size() == 0

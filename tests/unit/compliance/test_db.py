@@ -42,6 +42,8 @@ TABLES = {
     "consent_records",
     "consent_events",
     "api_keys",
+    "round_manifests",
+    "model_releases",
 }
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedcrm.compliance.api.deps import CurrentPrincipal, Services
-from fedcrm.compliance.api.routes import audit, consent, ledger, pages, ropa
+from fedcrm.compliance.api.routes import audit, consent, ledger, lineage, pages, ropa
 from fedcrm.compliance.core.config import Settings, get_settings
 from fedcrm.compliance.db import open_store
 from fedcrm.compliance.errors import (
@@ -178,7 +178,7 @@ def create_app(
     app.dependency_overrides[get_settings] = lambda: chosen
     app.add_exception_handler(ComplianceError, _compliance_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for module in (consent, ledger, audit, ropa, pages):
+    for module in (consent, ledger, audit, lineage, ropa, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodySizeLimit, max_bytes=chosen.max_upload_bytes)

@@ -1,8 +1,9 @@
 """Tamper-evident audit log: RFC 9162 Merkle tree, signed checkpoints, crypto-shredding.
 
 Public API:
-    * :class:`AuditLog` over the compliance store: ``append``, ``shred_subject``,
-      ``inclusion_proof``, ``consistency_proof``, ``checkpoint``, ``export``, ``verify``.
+    * :class:`AuditLog` over the compliance store: ``append``, ``append_many`` (bulk, one pass),
+      ``shred_subject``, ``inclusion_proof``, ``consistency_proof``, ``checkpoint``, ``export``,
+      ``verify``.
     * :func:`verify_export`: the offline verifier of an exported log.
     * The RFC 9162 §2.1 primitives (:func:`leaf_hash`, :func:`node_hash`, :class:`MerkleTree`,
       :func:`verify_inclusion`, :func:`verify_consistency`), reusable e.g. for round manifests.
