@@ -15,6 +15,8 @@ CONFIG: Final = "config"
 METRICS: Final = "metrics"
 PRIVACY: Final = "privacy"
 """ConfigRecord of a DP train reply: the branch's privacy report (admitted or refused)."""
+CONSENT: Final = "consent"
+"""ConfigRecord of a consent-gated train reply: the round manifest, or the branch's refusal."""
 
 # ConfigRecord keys sent by the server.
 KEY_SCHEMA: Final = "schema"
@@ -30,6 +32,8 @@ KEY_SCALER_MEAN: Final = "scaler-mean"
 KEY_SCALER_STD: Final = "scaler-std"
 KEY_SERVER_ROUND: Final = "server-round"  # injected by Flower strategies
 KEY_NUM_ROUNDS: Final = "num-rounds"  # planned rounds (DP noise is planned for all of them)
+KEY_CONSENT_PURPOSE: Final = "consent-purpose"  # the run's declared purpose (absent: no gate)
+KEY_RUN_ID: Final = "run-id"  # the run's id, naming the branch's archived round manifests
 
 # Record-level DP settings sent with every train message of a DP run (absent: no DP). The
 # dp-* names match `fedcrm.privacy.config.RUN_CONFIG_KEYS`.
@@ -70,3 +74,31 @@ NODE_PRIVACY_DIR: Final = "privacy-dir"
 """Folder of the branch's persistent privacy accountants (default: ``privacy/`` beside the data)."""
 NODE_BRANCH_NAME: Final = "branch-name"
 """How the branch is named in the privacy ledger (default: ``node-<id>``)."""
+NODE_CONSENT_DB: Final = "consent-db"
+"""The branch's consent registry: a SQLAlchemy URL or a SQLite file path."""
+NODE_CONSENT_DIR: Final = "consent-dir"
+"""Folder of the branch's commitment salts and round manifests (default: ``consent/`` beside
+the data)."""
+NODE_PURPOSES: Final = "purposes"
+"""Comma-separated purposes the branch's data is collected for (absent: not declared)."""
+NODE_RETENTION_DAYS: Final = "retention-days"
+"""Rows whose latest consent decision is older than this many days are left out."""
+
+# Federated recommendations (`fedcrm.server.rec_federation`, `fedcrm.client.rec_app`); the
+# seed, lr, epochs, batch-size, weight-decay and num-examples keys above are reused.
+KEY_REC_FACTORS: Final = "factors"
+KEY_REC_NEGATIVES: Final = "negatives-per-positive"
+KEY_REC_LOSS: Final = "loss"
+KEY_REC_TOP_K: Final = "top-k"
+KEY_REC_RECENCY_HALFLIFE: Final = "recency-halflife"
+KEY_REC_TRAIN_ON_VALIDATION: Final = "train-on-validation"
+KEY_REC_DP_USERS_PER_STEP: Final = "rec-dp-users-per-step"  # customer-level DP: rows = customers
+KEY_REC_DP_CAP: Final = "rec-dp-max-interactions-per-user"
+REC_VAL_PREFIX: Final = "val-"
+"""Prefix of the validation-item ranking sums in a recommendation evaluation reply."""
+STATE_REC_USER_FACTORS: Final = "rec-user-factors"
+"""ArrayRecord in ``Context.state`` holding a branch's user factors between rounds (never sent)."""
+REC_USER_FACTORS_FILE: Final = "user_factors.npz"
+"""A simulated branch's user factors, in its own folder ``branches/<name>/``."""
+REC_ITEMS_FILE: Final = "items.npz"
+"""The final aggregated item factors and biases, in the run directory."""

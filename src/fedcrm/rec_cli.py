@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedcrm import rec_constants as rk
+from fedcrm import constants as k
 from fedcrm.exceptions import ConfigError, DataError, FedCrmError
 
 logger = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
     if n < 1:
         raise ConfigError(f"-n must be >= 1, got {n}")
     config_path = run_dir / "config.toml"
-    items_path = run_dir / rk.ITEMS_FILE
+    items_path = run_dir / k.REC_ITEMS_FILE
     if not (config_path.is_file() and items_path.is_file()):
-        raise ConfigError(f"{run_dir} is not a finished recommendation run (no {rk.ITEMS_FILE})")
+        raise ConfigError(f"{run_dir} is not a finished recommendation run (no {k.REC_ITEMS_FILE})")
     cfg = load_rec_experiment(config_path)
     data = load_rec_data(cfg)
     found = data.branch(branch)
@@ -153,6 +153,60 @@ def recommend(
     console.print(table)
 
 
+def run_rec_with_progress(config: Path, runs_dir: Path) -> Path:
+    """Run a recommendation experiment with a progress bar; return its run directory.
+
+    Raises:
+        FedCrmError: The configuration is invalid or the run failed.
+    """
+    from fedcrm.server.rec_federation import RecRoundRecord
+    from fedcrm.simulation.rec_config import load_rec_experiment
+    from fedcrm.simulation.rec_runner import run_rec_experiment
+
+    cfg = load_rec_experiment(config)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("HR@10 {task.fields[hr]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{cfg.name}: starting", total=cfg.federation.num_rounds, hr="–")
+
+        def on_round(record: RecRoundRecord) -> None:
+            hr = record.test.get(f"hr{cfg.federation.top_k}-sampled", float("nan"))
+            progress.update(
+                task, advance=1, hr=f"{hr:.4f}", description=f"{cfg.name}: round {record.round}"
+            )
+
+        def on_phase(message: str) -> None:
+            progress.console.print(f"[dim]{cfg.name}: {message}[/dim]")
+
+        return run_rec_experiment(cfg, runs_dir, on_round=on_round, on_phase=on_phase)
+
+
+def rec_results_table(run_dir: Path) -> Table:
+    """HR@10 / NDCG@10 of the federated model beside the run's centralised baselines."""
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    fed = summary["federated"]
+    dp = summary.get("privacy")
+    name = "federated MF" + (f" (DP, ε ≤ {dp['epsilon_max']:.2f})" if dp else "")
+    table = Table(title=f"{summary['name']}: federated vs centralised, same split (test, k=10)")
+    for col in ("method", "HR@10", "NDCG@10", "HR@10 full", "NDCG@10 full"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    rows = {name: fed, **{f"centralised {n}": m for n, m in summary["centralised"].items()}}
+    for label, m in rows.items():
+        table.add_row(
+            label,
+            *(
+                f"{m[key]:.4f}"
+                for key in ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full")
+            ),
+        )
+    return table
+
+
 @rec_app.command("simulate-rec")
 def simulate_rec(
     config: Annotated[Path, typer.Argument(help="Recommendation experiment TOML.")],
@@ -161,49 +215,10 @@ def simulate_rec(
     ),
 ) -> None:
     """Run federated recommendations on Flower's simulation engine and write a run directory."""
-    from fedcrm.server.rec_federation import RecRoundRecord
-    from fedcrm.simulation.rec_config import load_rec_experiment
-    from fedcrm.simulation.rec_runner import run_rec_experiment
-
     try:
-        cfg = load_rec_experiment(config)
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("HR@10 {task.fields[hr]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(
-                f"{cfg.name}: starting", total=cfg.federation.num_rounds, hr="–"
-            )
-
-            def on_round(record: RecRoundRecord) -> None:
-                hr = record.test.get(f"hr{cfg.federation.top_k}-sampled", float("nan"))
-                progress.update(
-                    task, advance=1, hr=f"{hr:.4f}", description=f"{cfg.name}: round {record.round}"
-                )
-
-            def on_phase(message: str) -> None:
-                progress.console.print(f"[dim]{cfg.name}: {message}[/dim]")
-
-            run_dir = run_rec_experiment(cfg, runs_dir, on_round=on_round, on_phase=on_phase)
+        run_dir = run_rec_with_progress(config, runs_dir)
     except FedCrmError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    table = Table(title="Federated vs centralised, same split (test, k=10)")
-    for col in ("method", "HR@10", "NDCG@10", "HR@10 full", "NDCG@10 full"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    rows = {"federated MF": summary["federated"], **summary["centralised"]}
-    for name, m in rows.items():
-        table.add_row(
-            name,
-            *(
-                f"{m[key]:.4f}"
-                for key in ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full")
-            ),
-        )
-    console.print(table)
+    console.print(rec_results_table(run_dir))
     console.print(f"run directory: {run_dir}")

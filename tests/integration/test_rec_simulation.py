@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedcrm import rec_constants as rk
+from fedcrm import constants as k
 from fedcrm.rec_cli import rec_app
 
 pytestmark = pytest.mark.integration
@@ -55,11 +55,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_run_directory_is_complete(run_dir: Path) -> None:
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "report.md", rk.ITEMS_FILE):
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "report.md", k.REC_ITEMS_FILE):
         assert (run_dir / name).is_file(), name
     for branch in ("zip-0", "zip-1", "zip-2"):
-        assert (run_dir / "branches" / branch / rk.USER_FACTORS_FILE).is_file()
-    with np.load(run_dir / rk.ITEMS_FILE, allow_pickle=False) as items:
+        assert (run_dir / "branches" / branch / k.REC_USER_FACTORS_FILE).is_file()
+    with np.load(run_dir / k.REC_ITEMS_FILE, allow_pickle=False) as items:
         assert sorted(items.files) == ["items.bias.weight", "items.embedding.weight"]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2

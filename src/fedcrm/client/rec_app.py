@@ -17,18 +17,27 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from numpy.typing import NDArray
 
 from fedcrm import constants as k
-from fedcrm import rec_constants as rk
-from fedcrm.data.movielens import BranchView
-from fedcrm.exceptions import ConfigError
+from fedcrm.client.rec_dp_round import RecDPRound, private_rec_round
+from fedcrm.data.movielens import BranchView, LeaveOneOutSplit
+from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.models.rec_training import Loss, evaluate_branch, train_branch
 from fedcrm.models.recommender import (
     MatrixFactorisation,
@@ -37,6 +46,7 @@ from fedcrm.models.recommender import (
     local_state,
     shared_state,
 )
+from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.simulation.rec_metrics import to_record
 
 logger = logging.getLogger(__name__)
@@ -45,6 +55,9 @@ BranchLoader = Callable[[Context], BranchView]
 """Returns the view of the branch a node serves (from its node config or partition id)."""
 
 T = TypeVar("T", int, float, str)
+
+DP_ERROR_CODE: Final = 7101
+"""Error code of a train reply whose DP round could not run (no parameters leave)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,8 @@ class RecRoundSettings:
     negatives_per_positive: int
     loss: Loss
     top_k: int
+    recency_halflife: float = 0.0
+    train_on_validation: bool = False
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "RecRoundSettings":
@@ -80,9 +95,15 @@ class RecRoundSettings:
                 raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {value!r}")
             return kind(value)
 
-        loss = get(rk.KEY_LOSS, str)
+        train_on_validation = config.get(k.KEY_REC_TRAIN_ON_VALIDATION, False)
+        if not isinstance(train_on_validation, bool):
+            raise ConfigError(f"config key {k.KEY_REC_TRAIN_ON_VALIDATION!r} must be a bool")
+        halflife = config.get(k.KEY_REC_RECENCY_HALFLIFE, 0.0)
+        if isinstance(halflife, bool) or not isinstance(halflife, int | float):
+            raise ConfigError(f"config key {k.KEY_REC_RECENCY_HALFLIFE!r} must be a number")
+        loss = get(k.KEY_REC_LOSS, str)
         if loss not in ("bce", "bpr"):
-            raise ConfigError(f"config key {rk.KEY_LOSS!r} must be 'bce' or 'bpr', got {loss!r}")
+            raise ConfigError(f"config key {k.KEY_REC_LOSS!r} must be 'bce' or 'bpr', got {loss!r}")
         return cls(
             seed=get(k.KEY_SEED, int),
             server_round=int(config.get(k.KEY_SERVER_ROUND, 0)),  # type: ignore[arg-type]
@@ -90,10 +111,12 @@ class RecRoundSettings:
             lr=get(k.KEY_LR, float),
             batch_size=get(k.KEY_BATCH_SIZE, int),
             weight_decay=get(k.KEY_WEIGHT_DECAY, float),
-            factors=get(rk.KEY_FACTORS, int),
-            negatives_per_positive=get(rk.KEY_NEGATIVES, int),
+            factors=get(k.KEY_REC_FACTORS, int),
+            negatives_per_positive=get(k.KEY_REC_NEGATIVES, int),
             loss="bce" if loss == "bce" else "bpr",
-            top_k=get(rk.KEY_TOP_K, int),
+            top_k=get(k.KEY_REC_TOP_K, int),
+            recency_halflife=float(halflife),
+            train_on_validation=train_on_validation,
         )
 
 
@@ -104,7 +127,7 @@ def array_record(arrays: dict[str, NDArray[np.float32]]) -> ArrayRecord:
 
 def user_factors_path(branches_root: Path, branch_name: str) -> Path:
     """Where a simulated branch keeps its user factors: ``branches/<name>/user_factors.npz``."""
-    return branches_root / branch_name / rk.USER_FACTORS_FILE
+    return branches_root / branch_name / k.REC_USER_FACTORS_FILE
 
 
 def save_user_factors(path: Path, arrays: dict[str, NDArray[np.float32]]) -> None:
@@ -126,13 +149,18 @@ def load_user_factors(path: Path) -> dict[str, NDArray[np.float32]]:
         return {key: stored[key].astype(np.float32) for key in stored.files}
 
 
+def training_split(view: BranchView, settings: RecRoundSettings) -> LeaveOneOutSplit:
+    """The branch's split as this run trains on it (with validation items in a final fit)."""
+    return view.split.with_validation_in_train() if settings.train_on_validation else view.split
+
+
 def _model(
     view: BranchView, settings: RecRoundSettings, msg: Message, context: Context
 ) -> MatrixFactorisation:
     model = MatrixFactorisation(
         len(view.global_users), view.split.n_items, settings.factors, seed=settings.seed
     )
-    saved = context.state.array_records.get(rk.STATE_USER_FACTORS)
+    saved = context.state.array_records.get(k.STATE_REC_USER_FACTORS)
     if saved is not None:
         load_local_state(model, {key: a.numpy() for key, a in saved.items()})
     load_shared_state(
@@ -160,13 +188,74 @@ def make_rec_client_app(branches: BranchLoader, branches_root: Path | None = Non
         view = branches(context)
         return settings, view, _model(view, settings, msg, context)
 
+    def keep_user_factors(view: BranchView, model: MatrixFactorisation, context: Context) -> None:
+        users = local_state(model)
+        context.state.array_records[k.STATE_REC_USER_FACTORS] = array_record(users)
+        if branches_root is not None:
+            save_user_factors(user_factors_path(branches_root, view.branch.name), users)
+
+    def train_private(
+        msg: Message,
+        context: Context,
+        settings: RecRoundSettings,
+        view: BranchView,
+        model: MatrixFactorisation,
+        dp: FederatedDPConfig,
+    ) -> Message:
+        config = msg.content.config_records[k.CONFIG]
+        try:
+            local = RecDPRound(
+                epochs=settings.epochs,
+                lr=settings.lr,
+                negatives_per_positive=settings.negatives_per_positive,
+                weight_decay=settings.weight_decay,
+                batch_size=settings.batch_size,
+                loss=settings.loss,
+                recency_halflife=settings.recency_halflife,
+                users_per_step=int(config[k.KEY_REC_DP_USERS_PER_STEP]),  # type: ignore[arg-type]
+                cap=int(config[k.KEY_REC_DP_CAP]),  # type: ignore[arg-type]
+                rounds=int(config[k.KEY_NUM_ROUNDS]),  # type: ignore[arg-type]
+                seed=settings.seed + 1000 * settings.server_round + view.branch.branch_id,
+            )
+            privacy_dir = Path(
+                str(
+                    context.node_config.get(
+                        k.NODE_PRIVACY_DIR,
+                        (branches_root or Path(".")) / view.branch.name / "privacy",
+                    )
+                )
+            )
+            out = private_rec_round(
+                model,
+                training_split(view, settings).train,
+                local,
+                dp=dp,
+                privacy_dir=privacy_dir,
+                branch_name=view.branch.name,
+            )
+        except (FedCrmError, KeyError, ValueError) as exc:
+            logger.error("recommender DP round could not run: %s", exc)
+            error = Error(code=DP_ERROR_CODE, reason=f"DP round not run: {exc}")
+            return Message(error, reply_to=msg)
+        privacy = ConfigRecord(out.report.to_record())  # type: ignore[arg-type]
+        if not out.trained:  # refused: nothing trained, nothing but the report leaves
+            return Message(RecordDict({k.PRIVACY: privacy}), reply_to=msg)
+        keep_user_factors(view, model, context)
+        metrics = MetricRecord({k.KEY_NUM_EXAMPLES: out.num_examples, k.KEY_TRAIN_LOSS: 0.0})
+        items = array_record(shared_state(model))
+        content = RecordDict({k.ARRAYS: items, k.METRICS: metrics, k.PRIVACY: privacy})
+        return Message(content, reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings, view, model = prepare(msg, context)
+        dp = FederatedDPConfig.from_run_config(dict(msg.content.config_records[k.CONFIG]))
+        if dp is not None:
+            return train_private(msg, context, settings, view, model, dp)
         seed = settings.seed + 1000 * settings.server_round + view.branch.branch_id
         out = train_branch(
             model,
-            view.split.train,
+            training_split(view, settings).train,
             epochs=settings.epochs,
             lr=settings.lr,
             negatives_per_positive=settings.negatives_per_positive,
@@ -174,11 +263,9 @@ def make_rec_client_app(branches: BranchLoader, branches_root: Path | None = Non
             weight_decay=settings.weight_decay,
             batch_size=settings.batch_size,
             loss=settings.loss,
+            recency_halflife=settings.recency_halflife,
         )
-        users = local_state(model)
-        context.state.array_records[rk.STATE_USER_FACTORS] = array_record(users)
-        if branches_root is not None:
-            save_user_factors(user_factors_path(branches_root, view.branch.name), users)
+        keep_user_factors(view, model, context)
         loss = out.final_loss if out.epoch_losses else 0.0
         metrics = MetricRecord({k.KEY_NUM_EXAMPLES: out.num_examples, k.KEY_TRAIN_LOSS: loss})
         items = array_record(shared_state(model))
@@ -187,12 +274,13 @@ def make_rec_client_app(branches: BranchLoader, branches_root: Path | None = Non
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         settings, view, model = prepare(msg, context)
-        if rk.STATE_USER_FACTORS not in context.state.array_records:
+        if k.STATE_REC_USER_FACTORS not in context.state.array_records:
             logger.warning("evaluating before any training: user factors are untrained")
-        test = evaluate_branch(model, view.split, view.negatives, target="test", k=settings.top_k)
-        val = evaluate_branch(model, view.split, view.negatives, target="val", k=settings.top_k)
+        split = training_split(view, settings)
+        test = evaluate_branch(model, split, view.negatives, target="test", k=settings.top_k)
+        val = evaluate_branch(model, split, view.negatives, target="val", k=settings.top_k)
         values: dict[str, int | float | list[int] | list[float]] = dict(to_record(test))
-        values.update({rk.VAL_PREFIX + key: v for key, v in to_record(val).items()})
+        values.update({k.REC_VAL_PREFIX + key: v for key, v in to_record(val).items()})
         return Message(RecordDict({k.METRICS: MetricRecord(values)}), reply_to=msg)
 
     return app

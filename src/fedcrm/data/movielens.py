@@ -277,6 +277,33 @@ class LeaveOneOutSplit:
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         return digest.hexdigest()
 
+    def with_validation_in_train(self) -> "LeaveOneOutSplit":
+        """Return the split whose training log also holds every validation item.
+
+        For the final fit after model selection (He et al. 2017 train on everything but the
+        test item): choose settings and the number of epochs or rounds on the validation items
+        first, then train on training plus validation items and measure the test items once.
+        The validation events get a time after every training event, so they stay each user's
+        latest training event. The validation metrics of such a split are no longer held out.
+        """
+        train = self.train
+        later = int(train.timestamp.max()) + 1 if len(train) else 0
+        merged = Interactions(
+            user=np.concatenate([train.user, self.eval_users]),
+            item=np.concatenate([train.item, self.val_items]),
+            timestamp=np.concatenate(
+                [train.timestamp, np.full(len(self.eval_users), later, dtype=np.int64)]
+            ),
+            n_users=train.n_users,
+            n_items=train.n_items,
+        )
+        return LeaveOneOutSplit(
+            train=merged,
+            eval_users=self.eval_users,
+            val_items=self.val_items,
+            test_items=self.test_items,
+        )
+
     def restrict_users(self, users: IntArray) -> "LeaveOneOutSplit":
         """Return the split of ``users`` only, renumbered ``0..len(users)-1`` in that order.
 

@@ -3,7 +3,9 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedcrm.compliance import PrivacyLedger
 from fedcrm.server.rec_federation import (
+    RecDPConfig,
     RecFederationConfig,
     RecFederationResult,
     RecRoundCallback,
@@ -18,6 +20,9 @@ def make_rec_server_app(
     min_nodes: int = 2,
     on_round: RecRoundCallback | None = None,
     results: list[RecFederationResult] | None = None,
+    dp: RecDPConfig | None = None,
+    ledger: PrivacyLedger | None = None,
+    run_id: str = "rec",
 ) -> ServerApp:
     """Build the recommendation ServerApp.
 
@@ -27,13 +32,23 @@ def make_rec_server_app(
         min_nodes: Branches that must be connected before the first round.
         on_round: Called after every round (progress display, metrics file).
         results: The run's `RecFederationResult` is appended here when it ends.
+        dp: Customer-level DP on every branch (``None``: none).
+        ledger: Where every branch's privacy report is recorded (DP runs).
+        run_id: The run's id in the ledger.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         result = run_rec_federation(
-            grid, cfg, n_items=n_items, min_nodes=min_nodes, on_round=on_round
+            grid,
+            cfg,
+            n_items=n_items,
+            min_nodes=min_nodes,
+            on_round=on_round,
+            dp=dp,
+            ledger=ledger,
+            run_id=run_id,
         )
         if results is not None:
             results.append(result)

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -26,10 +26,12 @@ from flwr.serverapp.strategy import FedAvg
 from numpy.typing import NDArray
 
 from fedcrm import constants as k
-from fedcrm import rec_constants as rk
+from fedcrm.compliance import PrivacyLedger
 from fedcrm.exceptions import ConfigError, FedCrmError, InconsistentReplies
 from fedcrm.models.rec_training import DEFAULT_K, RankingMetrics
 from fedcrm.models.recommender import MatrixFactorisation, shared_state
+from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.server.federation import screen_private_replies
 from fedcrm.simulation.rec_metrics import from_record, pool
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ class RecFederationConfig:
         seed: Seed of the item initialisation and of local sampling.
         top_k: Cut-off of HR@k and NDCG@k.
         round_timeout: Seconds to wait for the branches in each round.
+        recency_halflife: Time weighting of each user's training events, in events (see
+            `fedcrm.models.rec_training.recency_weights`; 0: off).
+        train_on_validation: The final fit: branches also train on their users' validation
+            items (`fedcrm.data.movielens.LeaveOneOutSplit.with_validation_in_train`). Choose
+            the settings and ``num_rounds`` on a run without it first: validation metrics are
+            no longer held out, and the model is the last round's.
     """
 
     num_rounds: int = 20
@@ -66,6 +74,8 @@ class RecFederationConfig:
     seed: int = 0
     top_k: int = DEFAULT_K
     round_timeout: float = 600.0
+    recency_halflife: float = 0.0
+    train_on_validation: bool = False
 
     def __post_init__(self) -> None:
         ints = {
@@ -85,6 +95,12 @@ class RecFederationConfig:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.loss not in ("bce", "bpr"):
             raise ConfigError(f"loss must be 'bce' or 'bpr', got {self.loss!r}")
+        if not (math.isfinite(self.recency_halflife) and self.recency_halflife >= 0):
+            raise ConfigError(
+                f"recency_halflife must be a finite number >= 0, got {self.recency_halflife}"
+            )
+        if not isinstance(self.train_on_validation, bool):
+            raise ConfigError("train_on_validation must be true or false")
         if not self.round_timeout > 0:
             raise ConfigError(f"round_timeout must be > 0, got {self.round_timeout}")
 
@@ -97,12 +113,71 @@ class RecFederationConfig:
                 k.KEY_LOCAL_EPOCHS: self.local_epochs,
                 k.KEY_BATCH_SIZE: self.batch_size,
                 k.KEY_WEIGHT_DECAY: self.weight_decay,
-                rk.KEY_FACTORS: self.factors,
-                rk.KEY_NEGATIVES: self.negatives_per_positive,
-                rk.KEY_LOSS: self.loss,
-                rk.KEY_TOP_K: self.top_k,
+                k.KEY_REC_FACTORS: self.factors,
+                k.KEY_REC_NEGATIVES: self.negatives_per_positive,
+                k.KEY_REC_LOSS: self.loss,
+                k.KEY_REC_TOP_K: self.top_k,
+                k.KEY_REC_RECENCY_HALFLIFE: float(self.recency_halflife),
+                k.KEY_REC_TRAIN_ON_VALIDATION: self.train_on_validation,
             }
         )
+
+
+REC_DP_MODEL: Final = "recommender"
+"""Model name of the recommender's privacy budget in the ledger."""
+REC_DP_PURPOSE: Final = "recommendation-training"
+"""Purpose of the recommender's privacy budget in the ledger."""
+
+
+@dataclass(frozen=True)
+class RecDPConfig:
+    """Customer-level DP-SGD on the item tower (`fedcrm.models.rec_private`), per branch.
+
+    Attributes:
+        target_epsilon: ε each branch may reach after all planned rounds (σ planned from it).
+        delta: δ; ``None``: 1/n per branch, n = its customers with training interactions.
+        max_grad_norm: C, the clipping norm of one customer's gradient.
+        users_per_step: Expected customers per DP-SGD step (Poisson rate = this / customers;
+            capped at a branch's customers: a full batch, no subsampling).
+        max_interactions_per_user: Latest interactions of a customer in their DP-SGD row.
+        accountant: ``"rdp"`` or ``"prv"``.
+        max_epsilon: The budget per branch for (model, purpose); ``None``: the target.
+    """
+
+    target_epsilon: float
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    users_per_step: int = 16
+    max_interactions_per_user: int = 50
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.users_per_step < 1 or self.max_interactions_per_user < 1:
+            raise ConfigError("[dp] users-per-step and max-interactions-per-user must be >= 1")
+        self.federated()  # validates the rest, listing every problem
+
+    def federated(self) -> FederatedDPConfig:
+        """The shared DP settings (validated by `FederatedDPConfig`)."""
+        return FederatedDPConfig(
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.accountant,
+            grad_sample_mode="hooks",
+            max_epsilon=self.max_epsilon,
+            model=REC_DP_MODEL,
+            purpose=REC_DP_PURPOSE,
+        )
+
+    def config_values(self, num_rounds: int) -> dict[str, int | float | str]:
+        """What a branch needs to plan and run its DP rounds (never the ledger URL)."""
+        return {
+            **self.federated().to_run_config(include_ledger=False),
+            k.KEY_REC_DP_USERS_PER_STEP: self.users_per_step,
+            k.KEY_REC_DP_CAP: self.max_interactions_per_user,
+            k.KEY_NUM_ROUNDS: num_rounds,
+        }
 
 
 @dataclass
@@ -119,6 +194,7 @@ class RecRoundRecord:
         bytes_up: Item-array bytes each branch sent (node id -> bytes).
         bytes_down: Item-array bytes sent to each branch for training (node id -> bytes).
         rejected: Why replies were dropped.
+        epsilon: DP runs: each branch's cumulative ε after the round (branch name -> ε).
     """
 
     round: int
@@ -130,6 +206,7 @@ class RecRoundRecord:
     bytes_up: dict[int, int]
     bytes_down: dict[int, int]
     rejected: list[str] = field(default_factory=list)
+    epsilon: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,7 +276,7 @@ def pool_replies(
         record = reply.content.metric_records[k.METRICS]
         plain = {key: value for key, value in record.items() if isinstance(value, int | float)}
         tests.append(from_record(plain, top_k))
-        vals.append(from_record(_strip_prefix(record, rk.VAL_PREFIX), top_k))
+        vals.append(from_record(_strip_prefix(record, k.REC_VAL_PREFIX), top_k))
     return pool(tests, top_k), pool(vals, top_k)
 
 
@@ -251,6 +328,9 @@ def run_rec_federation(
     n_items: int,
     min_nodes: int = 2,
     on_round: RecRoundCallback | None = None,
+    dp: RecDPConfig | None = None,
+    ledger: PrivacyLedger | None = None,
+    run_id: str = "rec",
 ) -> RecFederationResult:
     """Run federated MF on the branches connected to ``grid``.
 
@@ -260,6 +340,10 @@ def run_rec_federation(
         n_items: Size of the shared item catalogue.
         min_nodes: Branches that must be connected before the first round.
         on_round: Called after every round.
+        dp: Customer-level DP on every branch (``None``: no DP). Every branch's privacy
+            report goes to ``ledger``; only admitted updates are averaged.
+        ledger: The privacy ledger of a DP run.
+        run_id: The run's id in the ledger.
 
     Returns:
         The final item arrays and one record per round.
@@ -278,14 +362,29 @@ def run_rec_federation(
         min_available_nodes=len(nodes),
     )
     result = RecFederationResult(items=_arrays_numpy(arrays), num_branches=len(nodes))
+    train_config = cfg.to_config_record()
+    if dp is not None:
+        train_config.update(dp.config_values(cfg.num_rounds))
     for rnd in range(1, cfg.num_rounds + 1):
         start = time.perf_counter()
-        out = list(strategy.configure_train(rnd, arrays, cfg.to_config_record(), grid))
+        out = list(strategy.configure_train(rnd, arrays, train_config, grid))
         down = {
             m.metadata.dst_node_id: m.content.array_records[k.ARRAYS].count_bytes() for m in out
         }
         replies = list(grid.send_and_receive(out, timeout=cfg.round_timeout))
         rejected: list[str] = []
+        epsilon: dict[str, float] = {}
+        if dp is not None:
+            replies, events, dropped = screen_private_replies(
+                rnd, replies, ledger=ledger, run_id=run_id
+            )
+            epsilon = {e.report.branch: e.report.epsilon for e in events}
+            rejected.extend(f"node {d.node_id}: {d.reason}" for d in dropped)
+            rejected.extend(
+                f"{e.report.branch}: DP round refused: {e.report.reason}"
+                for e in events
+                if not e.report.admitted
+            )
         usable: list[Message] = []
         for reply in replies:
             reason = check_item_reply(reply, item_keys)
@@ -319,6 +418,7 @@ def run_rec_federation(
             bytes_up=up,
             bytes_down=down,
             rejected=rejected,
+            epsilon=epsilon,
         )
         result.rounds.append(record)
         logger.info(

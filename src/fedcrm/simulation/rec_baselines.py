@@ -135,6 +135,7 @@ def train_centralised_mf(
             weight_decay=settings.weight_decay,
             batch_size=settings.batch_size,
             loss=settings.loss,
+            recency_halflife=settings.recency_halflife,
         )
         done += chunk
         if negatives is None:
@@ -159,6 +160,7 @@ def centralised_baselines(
     mf: MFSettings | None = None,
     knn_neighbours: int | None = None,
     k: int = DEFAULT_K,
+    select_on_validation: bool = True,
 ) -> dict[str, RankingMetrics]:
     """Measure popularity, item-kNN and centralised MF on the test items of ``split``.
 
@@ -170,6 +172,9 @@ def centralised_baselines(
             early-stopped on the validation items.
         knn_neighbours: Neighbourhood size of item-kNN (``None``: all items).
         k: Cut-off of HR and NDCG.
+        select_on_validation: Early-stop MF on the validation items; ``False`` trains exactly
+            ``mf.epochs`` epochs (the final fit of a split whose training log holds the
+            validation items, see `LeaveOneOutSplit.with_validation_in_train`).
 
     Returns:
         ``{"popularity": ..., "item-knn": ..., "mf": ...}``, each a `RankingMetrics`.
@@ -179,7 +184,11 @@ def centralised_baselines(
         "item-knn": item_knn_scorer(split.train, neighbours=knn_neighbours),
         "mf": model_scorer(
             train_centralised_mf(
-                split, mf or MFSettings(), seed=seed, negatives=negatives, k=k
+                split,
+                mf or MFSettings(),
+                seed=seed,
+                negatives=negatives if select_on_validation else None,
+                k=k,
             ).model
         ),
     }

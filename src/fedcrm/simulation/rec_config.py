@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from fedcrm.exceptions import ConfigError
-from fedcrm.server.rec_federation import RecFederationConfig
+from fedcrm.server.rec_federation import RecDPConfig, RecFederationConfig
 
 TASK: Final = "recommendation"
 RecDataset = Literal["movielens-100k", "synthetic"]
@@ -91,6 +91,8 @@ class RecExperimentConfig:
         federation: Federation settings.
         synthetic: Synthetic data settings (``dataset = "synthetic"``).
         baselines: Centralised baselines.
+        dp: Customer-level DP-SGD on every branch's item-tower update (``[dp]``; ``None``:
+            no DP).
         seed: Seed of the data generation and the sampled negatives.
         negatives_dir: Where the fixed negatives file of a real data set lives (default
             ``~/.cache/fedcrm``; never inside the repository).
@@ -102,6 +104,7 @@ class RecExperimentConfig:
     federation: RecFederationConfig = field(default_factory=RecFederationConfig)
     synthetic: SyntheticRecConfig = field(default_factory=SyntheticRecConfig)
     baselines: RecBaselineConfig = field(default_factory=RecBaselineConfig)
+    dp: RecDPConfig | None = None
     seed: int = 0
     negatives_dir: Path | None = None
     cpus_per_branch: float = 1.0
@@ -141,7 +144,7 @@ def parse_rec_experiment(raw: Mapping[str, Any]) -> RecExperimentConfig:
     if raw.get("task") != TASK:
         raise ConfigError(f'a recommendation experiment needs task = "{TASK}"')
     top = {"task", "name", "dataset", "seed", "negatives-dir", "cpus-per-branch"}
-    tables = {"federation", "synthetic", "baselines"}
+    tables = {"federation", "synthetic", "baselines", "dp"}
     unknown = sorted(set(raw) - top - tables)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; allowed: {sorted(top | tables)}")
@@ -155,6 +158,7 @@ def parse_rec_experiment(raw: Mapping[str, Any]) -> RecExperimentConfig:
         federation=_table(RecFederationConfig, raw.get("federation", {}), "federation"),
         synthetic=_table(SyntheticRecConfig, raw.get("synthetic", {}), "synthetic"),
         baselines=_table(RecBaselineConfig, raw.get("baselines", {}), "baselines"),
+        dp=_table(RecDPConfig, raw["dp"], "dp") if "dp" in raw else None,
         seed=int(raw.get("seed", 0)),
         negatives_dir=Path(negatives_dir) if negatives_dir else None,
         cpus_per_branch=float(raw.get("cpus-per-branch", 1.0)),
@@ -192,4 +196,6 @@ def rec_to_toml_dict(cfg: RecExperimentConfig) -> dict[str, Any]:
     out["federation"] = _as_toml(cfg.federation)
     out["synthetic"] = _as_toml(cfg.synthetic)
     out["baselines"] = _as_toml(cfg.baselines)
+    if cfg.dp is not None:
+        out["dp"] = {key: value for key, value in _as_toml(cfg.dp).items() if value is not None}
     return out

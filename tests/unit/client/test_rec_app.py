@@ -11,7 +11,6 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcrm import constants as k
-from fedcrm import rec_constants as rk
 from fedcrm.client.rec_app import (
     RecRoundSettings,
     load_user_factors,
@@ -20,7 +19,8 @@ from fedcrm.client.rec_app import (
 )
 from fedcrm.data.movielens import BranchView, branch_view, leave_one_out, sample_negatives
 from fedcrm.exceptions import ConfigError
-from fedcrm.server.rec_federation import RecFederationConfig, initial_items
+from fedcrm.privacy.federated import PrivacyReport
+from fedcrm.server.rec_federation import RecDPConfig, RecFederationConfig, initial_items
 from fedcrm.simulation.rec_config import SyntheticRecConfig
 from fedcrm.simulation.rec_runner import synthetic_rec_data
 
@@ -76,7 +76,7 @@ def test_train_reply_holds_only_the_item_arrays(view: BranchView, tmp_path: Path
     assert not reply.content.config_records
 
     # The user factors exist (node state and the branch folder) but are not in the wire bytes.
-    state = context.state.array_records[rk.STATE_USER_FACTORS]
+    state = context.state.array_records[k.STATE_REC_USER_FACTORS]
     users = state["users.embedding.weight"].numpy()
     assert users.shape == (len(view.global_users), CFG.factors)
     wire = message_to_proto(reply).SerializeToString()
@@ -90,9 +90,9 @@ def test_user_factors_persist_across_rounds(view: BranchView) -> None:
     app = make_rec_client_app(lambda _ctx: view)
     context = _context()
     app(_request("train", view.split.n_items), context)
-    first = context.state.array_records[rk.STATE_USER_FACTORS]["users.embedding.weight"].numpy()
+    first = context.state.array_records[k.STATE_REC_USER_FACTORS]["users.embedding.weight"].numpy()
     app(_request("train", view.split.n_items), context)
-    second = context.state.array_records[rk.STATE_USER_FACTORS]["users.embedding.weight"].numpy()
+    second = context.state.array_records[k.STATE_REC_USER_FACTORS]["users.embedding.weight"].numpy()
     assert not np.allclose(first, second)  # round 2 continued from round 1's factors
 
 
@@ -104,13 +104,13 @@ def test_evaluate_reply_has_metric_sums_only(view: BranchView) -> None:
     assert not reply.content.array_records
     metrics = reply.content.metric_records[k.METRICS]
     assert metrics["num-eval-users"] == len(view.split.eval_users)
-    assert metrics[rk.VAL_PREFIX + "num-eval-users"] == len(view.split.eval_users)
+    assert metrics[k.REC_VAL_PREFIX + "num-eval-users"] == len(view.split.eval_users)
     assert 0.0 <= float(metrics["hr10-sampled-sum"]) <= len(view.split.eval_users)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [(rk.KEY_LOSS, "mse"), (k.KEY_LR, "fast"), (rk.KEY_FACTORS, None)],
+    [(k.KEY_REC_LOSS, "mse"), (k.KEY_LR, "fast"), (k.KEY_REC_FACTORS, None)],
     ids=["bad-loss", "string-lr", "missing-factors"],
 )
 def test_round_settings_reject_bad_config(key: str, value: object) -> None:
@@ -121,3 +121,36 @@ def test_round_settings_reject_bad_config(key: str, value: object) -> None:
         config[key] = value  # type: ignore[assignment]
     with pytest.raises(ConfigError):
         RecRoundSettings.from_config(config)
+
+
+@pytest.mark.filterwarnings("ignore::fedcrm.privacy.dp_sgd.InsecureRNGWarning")
+def test_dp_train_reply_has_the_privacy_report_and_no_user_factors(
+    view: BranchView, tmp_path: Path
+) -> None:
+    dp = RecDPConfig(
+        target_epsilon=8.0, delta=1e-5, users_per_step=100, max_interactions_per_user=8
+    )
+    app = make_rec_client_app(lambda _ctx: view, tmp_path)
+    context = _context()
+    request = _request("train", view.split.n_items)
+    request.content.config_records[k.CONFIG].update(dp.config_values(num_rounds=2))
+    reply = app(request, context)
+
+    assert not reply.has_error()
+    report = PrivacyReport.from_record(dict(reply.content.config_records[k.PRIVACY]))
+    assert report.admitted
+    assert report.privacy_unit == "customer"
+    assert (report.model, report.purpose) == ("recommender", "recommendation-training")
+    assert 0.0 < report.epsilon <= 8.0
+    assert report.delta == 1e-5
+    assert report.steps == report.planned_steps > 0
+    assert set(reply.content.array_records[k.ARRAYS].keys()) == {
+        "items.embedding.weight",
+        "items.bias.weight",
+    }
+    users = context.state.array_records[k.STATE_REC_USER_FACTORS]["users.embedding.weight"]
+    wire = message_to_proto(reply).SerializeToString()
+    for row in users.numpy():
+        assert row.tobytes() not in wire
+    # The branch's accountant persists in its own folder.
+    assert list((tmp_path / view.branch.name / "privacy").glob("*.accountant.json"))

@@ -269,3 +269,23 @@ def test_interactions_validate_ranges():
         Interactions.from_arrays(
             np.array([0, 0]), np.array([1]), np.array([0]), n_users=1, n_items=5
         )
+
+
+def test_validation_items_join_training_as_each_users_latest_event(synthetic):
+    split = leave_one_out(synthetic)
+    merged = split.with_validation_in_train()
+    assert len(merged.train) == len(split.train) + len(split.eval_users)
+    np.testing.assert_array_equal(merged.test_items, split.test_items)
+    keys = set(merged.train.keys().tolist())
+    assert all(
+        u * split.n_items + i in keys
+        for u, i in zip(split.eval_users, split.val_items, strict=True)
+    )
+    assert not any(
+        u * split.n_items + t in keys
+        for u, t in zip(split.eval_users, split.test_items, strict=True)
+    )
+    for user, val in zip(split.eval_users[:10], split.val_items[:10], strict=True):
+        mine = merged.train.user == user
+        latest = merged.train.timestamp[mine].max()
+        assert merged.train.item[mine][merged.train.timestamp[mine] == latest].tolist() == [val]

@@ -21,6 +21,7 @@ from fedcrm.models.rec_training import (
     evaluate_scores,
     hit_ratio,
     ndcg,
+    recency_weights,
     sample_training_negatives,
     target_ranks,
     top_n,
@@ -241,3 +242,19 @@ def test_top_n_skips_seen_items_and_breaks_ties_by_index():
         top_n(scores, exclude=np.array([0]), n=0)
     with pytest.raises(DataError, match="finite"):
         top_n(np.array([np.nan, 1.0]), exclude=np.array([0]), n=1)
+
+
+def test_recency_weights_halve_per_later_event_by_hand():
+    # User 1: rows 3 (t=2), 0 (t=5), 2 (t=5, later row); user 0: rows 4 (t=0), 1 (t=1).
+    log = Interactions.from_arrays(
+        np.array([1, 0, 1, 1, 0]),
+        np.array([0, 1, 2, 3, 4]),
+        np.array([5, 1, 5, 2, 0]),
+        n_users=3,
+        n_items=5,
+    )
+    raw = np.array([0.5, 1.0, 1.0, 0.25, 0.5])
+    np.testing.assert_allclose(recency_weights(log, 1.0), raw / raw.mean())
+    np.testing.assert_array_equal(recency_weights(log, 0.0), np.ones(5))
+    with pytest.raises(ConfigError):
+        recency_weights(log, -1.0)

@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedcrm import constants as k
-from fedcrm import rec_constants as rk
 from fedcrm.client.rec_app import make_rec_client_app
+from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.rec_training import RankingMetrics, hit_ratio, ndcg
 from fedcrm.server.rec_federation import (
@@ -51,7 +52,7 @@ def _metrics(ranks: list[int], val_ranks: list[int]) -> dict[str, int | float]:
         )
 
     out = to_record(sums(ranks))
-    out.update({rk.VAL_PREFIX + key: v for key, v in to_record(sums(val_ranks)).items()})
+    out.update({k.REC_VAL_PREFIX + key: v for key, v in to_record(sums(val_ranks)).items()})
     return out
 
 
@@ -120,7 +121,7 @@ def test_two_rounds_in_process_drop_a_leaking_branch() -> None:
     def train(msg: Message, context: Context) -> Message:
         reply = honest(msg, context)
         arrays = reply.content.array_records[k.ARRAYS]
-        user = context.state.array_records[rk.STATE_USER_FACTORS]
+        user = context.state.array_records[k.STATE_REC_USER_FACTORS]
         arrays["users.embedding.weight"] = user["users.embedding.weight"]
         return reply
 
@@ -146,3 +147,35 @@ def test_two_rounds_in_process_drop_a_leaking_branch() -> None:
     first = result.rounds[0]
     assert first.test["users"] == len(data.interactions.counts_per_user().nonzero()[0])
     assert set(first.bytes_up.values()) == {initial_items(data.n_items, 8, seed=0).count_bytes()}
+
+
+@pytest.mark.filterwarnings("ignore::fedcrm.privacy.dp_sgd.InsecureRNGWarning")
+def test_dp_rounds_fill_the_ledger_with_customer_level_rows(tmp_path: Path) -> None:
+    cfg = parse_rec_experiment(
+        {
+            "task": "recommendation",
+            "name": "unit-dp",
+            "dataset": "synthetic",
+            "synthetic": {"users": 45, "items": 130, "branches": 3},
+            "federation": {"num-rounds": 2, "local-epochs": 1, "factors": 8, "batch-size": 256},
+            "dp": {"target-epsilon": 4.0, "delta": 1e-5, "users-per-step": 100},
+        }
+    )
+    assert cfg.dp is not None
+    data = load_rec_data(cfg)
+    ledger = PrivacyLedger(open_store(sqlite_url(str(tmp_path / "ledger.db"))))
+    grid = InProcessGrid(make_rec_client_app(RecBranches(cfg), tmp_path), len(data.branches))
+    result = run_rec_federation(
+        grid, cfg.federation, n_items=data.n_items, dp=cfg.dp, ledger=ledger, run_id="r1"
+    )
+
+    entries = ledger.entries(run_id="r1")
+    assert len(entries) == 2 * len(data.branches)
+    assert {str(e.privacy_unit) for e in entries} == {"customer"}
+    assert {(e.model, e.purpose) for e in entries} == {("recommender", "recommendation-training")}
+    assert all(e.decision == "admitted" and e.delta == 1e-5 for e in entries)
+    for branch in {e.branch for e in entries}:
+        cumulative = [e.cumulative_epsilon for e in entries if e.branch == branch]
+        assert 0 < cumulative[0] < cumulative[1] <= 4.0 + 1e-9  # planned for both rounds
+    assert all(r.train_replies == len(data.branches) and not r.rejected for r in result.rounds)
+    assert set(result.rounds[-1].epsilon) == {b.name for b in data.branches}

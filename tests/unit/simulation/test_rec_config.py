@@ -17,11 +17,20 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "movielens_zip.toml
 BASE = {"task": "recommendation", "name": "r", "dataset": "synthetic"}
 
 
-def test_example_parses_and_round_trips() -> None:
-    cfg = load_rec_experiment(EXAMPLE)
+@pytest.mark.parametrize("path", [EXAMPLE, EXAMPLE.with_name("movielens_zip_dp.toml")])
+def test_example_parses_and_round_trips(path: Path) -> None:
+    cfg = load_rec_experiment(path)
     assert cfg.dataset == "movielens-100k"
     again = parse_rec_experiment(tomllib.loads(tomli_w.dumps(rec_to_toml_dict(cfg))))
     assert again == cfg
+
+
+def test_dp_example_states_its_unit_budget() -> None:
+    cfg = load_rec_experiment(EXAMPLE.with_name("movielens_zip_dp.toml"))
+    assert cfg.dp is not None
+    dp = cfg.dp.federated()
+    assert (dp.target_epsilon, dp.delta, dp.grad_sample_mode) == (8.0, 1e-5, "hooks")
+    assert (dp.model, dp.purpose) == ("recommender", "recommendation-training")
 
 
 @pytest.mark.parametrize(
@@ -35,8 +44,25 @@ def test_example_parses_and_round_trips() -> None:
         ({**BASE, "synthetic": {"items": 50}}, "items"),
         ({**BASE, "synthetic": {"branches": 12}}, "branches"),
         ({**BASE, "name": "a b"}, "name"),
+        ({**BASE, "dp": {"target-epsilon": -1.0}}, "target_epsilon"),
+        ({**BASE, "dp": {"target-epsilon": 8.0, "users-per-step": 0}}, "users-per-step"),
+        ({**BASE, "dp": {"target-epsilon": 8.0, "clip": 1.0}}, "unknown key"),
+        ({**BASE, "federation": {"recency-halflife": -2.0}}, "recency_halflife"),
     ],
-    ids=["task", "dataset", "top-key", "federation-key", "lr", "items", "branches", "name"],
+    ids=[
+        "task",
+        "dataset",
+        "top-key",
+        "federation-key",
+        "lr",
+        "items",
+        "branches",
+        "name",
+        "dp-epsilon",
+        "dp-users",
+        "dp-key",
+        "halflife",
+    ],
 )
 def test_invalid_configs_are_rejected(raw: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
