@@ -20,7 +20,7 @@ from fedcrm.compliance.audit.cli import app as audit_app
 from fedcrm.compliance.cli import app as compliance_app
 from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy.keys import app as keys_app
-from fedcrm.rec_cli import recommend, simulate_rec
+from fedcrm.rec_cli import rec_results_table, recommend, run_rec_with_progress, simulate_rec
 
 app = typer.Typer(
     name="fedcrm",
@@ -97,6 +97,39 @@ def data_check(
     console.print(f"[green]{path}: valid {schema!r} export[/green]")
 
 
+@data_app.command("pseudonymise")
+def data_pseudonymise(
+    source: Annotated[Path, typer.Argument(help="A branch CSV with raw customer ids.")],
+    out: Annotated[Path, typer.Argument(help="The CSV to write, ids replaced by pseudonyms.")],
+    key_path: Annotated[
+        Path, typer.Option(help="The branch's HMAC key (the one its ClientApp uses, 0600).")
+    ],
+    column: Annotated[str, typer.Option(help="The customer id column.")] = "customer_id",
+) -> None:
+    """Replace raw customer ids by the branch's keyed pseudonyms (e.g. in a consent CSV).
+
+    The same key gives the same pseudonyms as the branch's training rows, so consent records,
+    round manifests and erasure requests match the data they govern.
+    """
+    import pandas as pd
+
+    from fedcrm.data.pseudonymise import load_or_create_key, pseudonymise_series
+
+    if not key_path.is_file():
+        err.print(f"[red]error:[/red] no key at {key_path}: use the key your ClientApp uses")
+        raise typer.Exit(2)
+    try:
+        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+        if column not in frame.columns:
+            raise ValueError(f"no column {column!r} in {source}")
+        frame[column] = pseudonymise_series(frame[column], load_or_create_key(key_path))
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    frame.to_csv(out, index=False)
+    console.print(f"wrote {len(frame)} row(s) with pseudonymous {column!r} to {out}")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="CSV file to write.")],
@@ -171,6 +204,25 @@ def _summary_table(run_dirs: list[Path]) -> Table:
     return table
 
 
+def _traffic_table(run_dirs: list[Path]) -> Table:
+    table = Table(title="Bytes per branch per round (train + evaluate), round time")
+    for col in ("run", "aggregation", "bytes up", "bytes down", "median round s"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    for d in run_dirs:
+        s = json.loads((d / "summary.json").read_text())
+        t = s.get("traffic")
+        if t is None:
+            continue
+        table.add_row(
+            s["name"],
+            t["aggregation"],
+            f"{t['bytes_up_per_branch_per_round']:,.0f}",
+            f"{t['bytes_down_per_branch_per_round']:,.0f}",
+            f"{t['median_round_seconds']:.2f}",
+        )
+    return table
+
+
 @app.command()
 def simulate(
     config: Annotated[Path, typer.Argument(help="Experiment TOML (see examples/).")],
@@ -194,22 +246,56 @@ def simulate(
     console.print(f"run directory: {run_dir}")
 
 
+def _compliance_epilogue(run_dir: Path) -> None:
+    """A consent-gated run: consent imported, rows gated, the audit log verified offline."""
+    from fedcrm.compliance.audit import load_public_key, verify_export
+
+    summary = json.loads((run_dir / "summary.json").read_text()).get("compliance", {})
+    made_up: dict[str, int] = {}
+    for counts in (summary.get("consent_imported") or {}).values():
+        for state, n in counts.items():
+            made_up[state] = made_up.get(state, 0) + n
+    console.print(
+        f"{run_dir.name}: consent imported for {sum(made_up.values())} customers ("
+        + ", ".join(f"{n} {state}" for state, n in made_up.items())
+        + f"); {summary.get('manifests', 0)} round manifests, "
+        f"{summary.get('rows_excluded', 0)} training rows left out by the consent gate"
+    )
+    log, public = run_dir / "audit-log.jsonl", run_dir / "audit-key.pem.pub"
+    report = verify_export(log, trusted_keys={load_public_key(public)})
+    console.print(f"$ fedcrm audit verify {log} --public-key {public}")
+    console.print(report.summary())
+    db = run_dir / "compliance.db"
+    console.print(
+        "officer pages over this run's records:\n"
+        f"  fedcrm compliance apikey create --role officer --label dpo --db {db}\n"
+        f"  fedcrm compliance serve --db {db}   # then http://127.0.0.1:8000/pages/"
+    )
+
+
 @app.command()
 def demo(
     runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path(
         "runs"
     ),
 ) -> None:
-    """The main job: federated churn on real data (MLC by state, Telco by Dirichlet skew)."""
+    """The main job: federated churn (MLC by state; Telco plain, DP, HE), then recommendations."""
     configs = [EXAMPLES / "mlc_by_state.toml", EXAMPLES / "telco_dirichlet.toml"]
     # Record-level DP (customer-level: one row per customer), epsilon 3 per branch.
     configs.append(EXAMPLES / "telco_dirichlet_dp.toml")
+    # The same Telco run aggregated under CKKS encryption (bytes and round time beside plaintext).
+    configs.append(EXAMPLES / "telco_dirichlet_he.toml")
     try:
         run_dirs = [_run_one(c, runs_dir) for c in configs]
+        # Federated recommendations (MovieLens 100K, ZIP-zone branches) and their baselines.
+        rec_dir = run_rec_with_progress(EXAMPLES / "movielens_zip.toml", runs_dir)
     except FedCrmError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     console.print(_summary_table(run_dirs))
+    console.print(_traffic_table(run_dirs))
+    console.print(rec_results_table(rec_dir))
+    console.print(f"report: {rec_dir / 'report.md'}")
     for d in run_dirs:
         console.print(f"report: {d / 'report.md'}")
     for d in run_dirs:
@@ -221,6 +307,9 @@ def demo(
                 f"{privacy.get('delta_rule', '?')}, {privacy.get('accountant', '?')} accountant"
             )
             ledger_show(db=str(d / "ledger.db"), run=None, branch=None, rounds=False)
+    for d in run_dirs:
+        if (d / "compliance.db").is_file():  # consent-gated (telco_dirichlet.toml [compliance])
+            _compliance_epilogue(d)
 
 
 @ledger_app.command("show")

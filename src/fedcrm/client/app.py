@@ -8,12 +8,19 @@ In a DP run (the train message carries ``dp-target-epsilon``) the branch trains 
 record-level DP-SGD under its own enforced budget (`fedcrm.client.dp_round`); its accountants
 live in ``privacy-dir`` (node config; default ``privacy/`` beside the data, or in the simulated
 branch's folder). A round over budget is answered with a refusal report and no parameters.
+
+In a run that declares a purpose (``consent-purpose``) every message first goes through the
+branch's consent gate (`fedcrm.client.consent_gate`): only rows with valid consent for the
+purpose are used, a training reply carries the round manifest's root, and a branch whose data or
+consent does not cover the purpose refuses the run (a structured refusal, no parameters).
+The registry is the node's ``consent-db`` (in a simulation, the run's compliance store).
 """
 
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +32,7 @@ from flwr.app import (
     Context,
     Error,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -33,6 +41,19 @@ from flwr.clientapp.typing import Mod
 
 from fedcrm import constants as k
 from fedcrm.client import branch, dp_round
+from fedcrm.client.consent_gate import (
+    CONSENT_ERROR_CODE,
+    CONSENT_REFUSED_CODE,
+    BranchConsent,
+    apply_gate,
+    commit_round,
+    consent_url,
+    parse_purposes,
+)
+from fedcrm.client.he_mod import HEMod
+from fedcrm.client.secagg_client import secagg_mod
+from fedcrm.compliance import Purpose
+from fedcrm.compliance.manifest import ConsentRefusal, RoundManifest
 from fedcrm.data.preprocess import Scaler
 from fedcrm.data.schema import ChurnSchema, get_schema
 from fedcrm.data.split import Split
@@ -81,6 +102,66 @@ DP_ERROR_CODE = 4301
 _PLAN_STATE = "dp-plan"
 
 
+def _branch_info(context: Context, branches_root: Path | None, folder: Path) -> dict[str, object]:
+    """A simulated branch's ``branch.json`` (empty in a deployment)."""
+    info = folder / "branch.json"
+    if k.NODE_DATA_PATH in context.node_config or branches_root is None or not info.is_file():
+        return {}
+    data = json.loads(info.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
+
+
+def branch_name(context: Context, branches_root: Path | None, folder: Path) -> str:
+    """The branch's name in the ledger, the consent registry and its manifests.
+
+    Node config ``branch-name``; else, simulated, the name in ``branch.json``; else
+    ``node-<id>``.
+    """
+    node = context.node_config
+    if k.NODE_BRANCH_NAME in node:
+        return str(node[k.NODE_BRANCH_NAME])
+    if k.NODE_DATA_PATH not in node and branches_root is not None:
+        return str(_branch_info(context, branches_root, folder).get("name", folder.name))
+    return f"node-{context.node_id}"
+
+
+def resolve_consent(
+    context: Context, branches_root: Path | None, data: branch.BranchData, url: str | None
+) -> BranchConsent:
+    """Where this branch's consent registry, salts and manifests are, and what it collects for.
+
+    Deployment: node config ``consent-db``, ``consent-dir`` (default ``consent/`` beside the
+    export), ``purposes`` and ``retention-days``. Simulation: the run's compliance store
+    (``url``), the branch's folder and the purposes in its ``branch.json``.
+
+    Raises:
+        ConfigError: The node has no consent registry, or a setting is invalid.
+    """
+    node = context.node_config
+    folder = data.export.parent
+    if k.NODE_CONSENT_DB in node:
+        url = consent_url(str(node[k.NODE_CONSENT_DB]))
+    if url is None:
+        raise ConfigError(
+            "this run declares a purpose but the branch has no consent registry: start the "
+            "SuperNode with --node-config 'consent-db=\"/srv/crm/consent.db\"'"
+        )
+    declared = _branch_info(context, branches_root, folder).get("purposes")
+    purposes = node.get(k.NODE_PURPOSES, declared)
+    if isinstance(purposes, list):
+        purposes = ",".join(str(p) for p in purposes)
+    retention = node.get(k.NODE_RETENTION_DAYS)
+    if retention is not None and (not isinstance(retention, int | float) or retention <= 0):
+        raise ConfigError(f"retention-days must be a positive number, got {retention!r}")
+    return BranchConsent(
+        url=url,
+        branch=branch_name(context, branches_root, folder),
+        folder=Path(str(node.get(k.NODE_CONSENT_DIR, folder / "consent"))),
+        collected=None if purposes is None else parse_purposes(str(purposes)),
+        retention=None if retention is None else timedelta(days=float(retention)),
+    )
+
+
 def resolve_privacy(
     context: Context, branches_root: Path | None, data: branch.BranchData
 ) -> dp_round.BranchDPContext:
@@ -92,14 +173,7 @@ def resolve_privacy(
     """
     node = context.node_config
     folder = data.export.parent
-    name = f"node-{context.node_id}"
-    if k.NODE_DATA_PATH not in node and branches_root is not None:
-        name = folder.name
-        info = folder / "branch.json"
-        if info.is_file():
-            name = str(json.loads(info.read_text(encoding="utf-8")).get("name", name))
-    if k.NODE_BRANCH_NAME in node:
-        name = str(node[k.NODE_BRANCH_NAME])
+    name = branch_name(context, branches_root, folder)
     privacy_dir = Path(str(node.get(k.NODE_PRIVACY_DIR, folder / "privacy")))
     key = data.key_path.read_bytes() if data.key_path is not None else None
     return dp_round.BranchDPContext(privacy_dir, name, dp_round.accountant_key(key))
@@ -117,6 +191,9 @@ class RoundSettings:
     num_rounds: int = 1
     dp: FederatedDPConfig | None = None
     """Record-level DP settings of the run; ``None`` in a run without DP."""
+    purpose: Purpose | None = None
+    """The run's declared purpose; ``None``: the run is not consent-gated."""
+    run_id: str = "run"
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "RoundSettings":
@@ -140,7 +217,15 @@ class RoundSettings:
                 np.asarray(config[k.KEY_SCALER_MEAN], dtype=np.float64),
                 np.asarray(config[k.KEY_SCALER_STD], dtype=np.float64),
             )
+        purpose = config.get(k.KEY_CONSENT_PURPOSE)
+        if purpose is not None:
+            try:
+                purpose = Purpose(str(purpose))
+            except ValueError as exc:
+                raise ConfigError(f"unknown run purpose {purpose!r}") from exc
         return cls(
+            purpose=purpose,
+            run_id=get(k.KEY_RUN_ID, str, "run"),
             num_rounds=get(k.KEY_NUM_ROUNDS, int, 1),
             dp=FederatedDPConfig.from_run_config(config),
             schema=get_schema(get(k.KEY_SCHEMA, str)),
@@ -169,24 +254,89 @@ class RoundSettings:
         return self.scaler
 
 
-def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
+def _refusal_reply(msg: Message, refusal: ConsentRefusal, *, train: bool) -> Message:
+    """Refuse the run: a structured refusal for training and statistics, else an Error.
+
+    The coordinator records and audits the structured refusal of a training round or of the
+    statistics query; an evaluation reply carries an Error.
+    """
+    logger.warning("consent gate: the branch refuses the run: %s", refusal.reason)
+    if train or msg.metadata.message_type.startswith(MessageType.QUERY):
+        record = ConfigRecord(refusal.to_record())  # type: ignore[arg-type]
+        return Message(RecordDict({k.CONSENT: record}), reply_to=msg)
+    error = Error(code=CONSENT_REFUSED_CODE, reason=f"consent: {refusal.code}: {refusal.reason}")
+    return Message(error, reply_to=msg)
+
+
+def make_client_app(
+    branches_root: Path | None = None,
+    *,
+    mods: Sequence[Mod] = (),
+    consent_db: str | None = None,
+) -> ClientApp:
     """Build the ClientApp.
 
     Args:
         branches_root: The simulation's ``branches/`` folder (``None`` in a deployment).
         mods: Flower mods wrapped around every handler (e.g. encrypt-before-send).
+        consent_db: The simulated branches' consent registry (the run's compliance store);
+            a deployed branch names its own with node config ``consent-db``.
     """
     app = ClientApp(mods=list(mods))
 
-    def prepare(msg: Message, context: Context) -> tuple[RoundSettings, Split]:
+    def prepare(
+        msg: Message, context: Context, *, train: bool = False
+    ) -> tuple[RoundSettings, Split, RoundManifest | None] | Message:
+        """Settings and rows of a message, consent-gated when the run declares a purpose.
+
+        Returns the round manifest for training, or instead the reply of a branch that
+        refuses the run (or cannot read its consent).
+        """
         torch.set_num_threads(1)  # simulated branches share the machine's cores
         settings = RoundSettings.from_config(msg.content.config_records[k.CONFIG])
-        split = resolve_data(context, branches_root).load(settings.schema, seed=settings.seed)
-        return settings, split
+        data = resolve_data(context, branches_root)
+        split = data.load(settings.schema, seed=settings.seed)
+        if settings.purpose is None:
+            return settings, split, None
+        try:
+            consent = resolve_consent(context, branches_root, data, consent_db)
+            gate = apply_gate(
+                split,
+                id_column=settings.schema.id_column,
+                purpose=settings.purpose,
+                consent=consent,
+                at=datetime.now(UTC),
+            )
+        except FedCrmError as exc:
+            logger.error("consent gate could not run: %s", exc)
+            error = Error(code=CONSENT_ERROR_CODE, reason=f"consent gate not run: {exc}")
+            return Message(error, reply_to=msg)
+        if isinstance(gate, ConsentRefusal):
+            return _refusal_reply(msg, gate, train=train)
+        manifest = None
+        if train:
+            manifest = commit_round(
+                gate,
+                id_column=settings.schema.id_column,
+                consent=consent,
+                run_id=settings.run_id,
+                server_round=settings.server_round,
+            )
+        return settings, gate.split, manifest
+
+    def with_manifest(reply: Message, manifest: RoundManifest | None) -> Message:
+        """Attach the round manifest (root and counts, never ids) to a training reply."""
+        if manifest is not None and not reply.has_error():
+            record = ConfigRecord(manifest.to_record())  # type: ignore[arg-type]
+            reply.content.config_records[k.CONSENT] = record
+        return reply
 
     @app.query(k.ACTION_MOMENTS)
     def query_moments(msg: Message, context: Context) -> Message:
-        settings, split = prepare(msg, context)
+        prepared = prepare(msg, context)
+        if isinstance(prepared, Message):
+            return prepared
+        settings, split, _ = prepared
         values = branch.moments(split, settings.schema).to_list()
         record = MetricRecord({k.KEY_MOMENTS: values, k.KEY_NUM_EXAMPLES: len(split.train)})
         return Message(RecordDict({k.METRICS: record}), reply_to=msg)
@@ -276,11 +426,14 @@ def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        settings, split = prepare(msg, context)
+        prepared = prepare(msg, context, train=True)
+        if isinstance(prepared, Message):
+            return prepared
+        settings, split, manifest = prepared
         # A different shuffling seed per round and branch, reproducible from the run seed.
         seed = settings.seed + 1000 * settings.server_round + _branch_number(context) % 1000
         if settings.dp is not None:
-            return train_private(msg, context, settings, split)
+            return with_manifest(train_private(msg, context, settings, split), manifest)
         global_state = msg.content.array_records[k.ARRAYS].to_torch_state_dict()
         out = branch.train(
             split,
@@ -294,11 +447,14 @@ def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = 
             {k.KEY_NUM_EXAMPLES: out.num_examples, k.KEY_TRAIN_LOSS: out.train_loss}
         )
         content = RecordDict({k.ARRAYS: ArrayRecord(out.state_dict), k.METRICS: metrics})
-        return Message(content, reply_to=msg)
+        return with_manifest(Message(content, reply_to=msg), manifest)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        settings, split = prepare(msg, context)
+        prepared = prepare(msg, context)
+        if isinstance(prepared, Message):
+            return prepared
+        settings, split, _ = prepared
         global_state = msg.content.array_records[k.ARRAYS].to_torch_state_dict()
         out = branch.evaluate(split, settings.schema, settings.require_scaler(), global_state)
         metrics = MetricRecord(
@@ -317,5 +473,8 @@ def make_client_app(branches_root: Path | None = None, *, mods: Sequence[Mod] = 
     return app
 
 
-app = make_client_app()
-"""The ClientApp for Flower's deployment engine (``fedcrm.client.app:app``)."""
+app = make_client_app(mods=[secagg_mod, HEMod()])
+"""The ClientApp for Flower's deployment engine (``fedcrm.client.app:app``).
+
+Both secure-aggregation mods pass through messages of other modes: SecAgg+ rounds need nothing
+on the branch, HE rounds need the branch's key directory in node config ``he-key-dir``."""

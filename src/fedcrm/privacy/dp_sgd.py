@@ -85,7 +85,7 @@ RDP_ORDERS: Final[tuple[float, ...]] = tuple(float(a) for a in RDPAccountant.DEF
 _OPACUS_MODES: Final = ("hooks", "ew", "functorch", "ghost")
 _MASK_CHUNK: Final = 1 << 22
 _FULL_BACKWARD_HOOK_WARNING: Final = "Full backward hook is firing when gradients are computed"
-_OPTIMAL_ORDER_WARNING: Final = "Optimal order is the largest alpha"
+_OPTIMAL_ORDER_WARNING: Final = "Optimal order is the (largest|smallest) alpha"
 
 
 class DPTrainingError(FedCrmError):
@@ -154,7 +154,15 @@ def epsilon_of_history(
             return float(eps)
         prv = PRVAccountant()
         prv.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        return float(prv.get_epsilon(delta=delta))
+        with warnings.catch_warnings():
+            # q = 1 (branch-level DP, no sampling): Opacus evaluates log(1 - q) = -inf inside an
+            # np.where that then discards it; the result is exact.
+            warnings.filterwarnings(
+                "ignore", message="divide by zero encountered in log", category=RuntimeWarning
+            )
+            # PRV bounds its domain with RDP; a looser RDP bound there is harmless.
+            warnings.filterwarnings("ignore", message=_OPTIMAL_ORDER_WARNING, category=UserWarning)
+            return float(prv.get_epsilon(delta=delta))
     except (ValueError, ArithmeticError, RuntimeError) as exc:
         raise AccountingError(f"{accountant} accountant failed: {exc}") from exc
 

@@ -8,6 +8,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
 from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.server import aggregation
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.federation import (
     FederationResult,
@@ -16,11 +17,28 @@ from fedcrm.server.federation import (
     StrategyWrapper,
     run_federation,
 )
+from fedcrm.server.outputs import DEFAULT_OUT_DIR, write_outputs
+from fedcrm.server.run_audit import ComplianceConfig, RunAudit
+from fedcrm.server.traffic import MeteredGrid, TrafficMeter
 
 DEFAULT_LEDGER = Path("fedcrm-ledger.db")
 """The privacy ledger of a deployment when neither the run config nor the caller names one."""
 
+OUT_DIR_KEY = "out-dir"
+"""Run-config key: where a deployed run writes its model and round records."""
+
 logger = logging.getLogger(__name__)
+
+
+def _log_to_console() -> None:
+    """Show fedcrm's round log in the ServerApp's output (``flwr run --stream``, ``flwr log``)."""
+    package = logging.getLogger("fedcrm")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
 
 
 def make_server_app(
@@ -34,6 +52,9 @@ def make_server_app(
     ledger_url: str | None = None,
     run_id: str | None = None,
     errors: list[FederationStopped] | None = None,
+    compliance: ComplianceConfig | None = None,
+    audit: RunAudit | None = None,
+    traffic: TrafficMeter | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
@@ -42,7 +63,8 @@ def make_server_app(
         min_nodes: Branches that must be connected before the first round.
         on_round: Called after every round (progress display, metrics file).
         results: The run's `FederationResult` is appended here when it ends.
-        wrap_strategy: Wraps the optimisation strategy (e.g. homomorphic aggregation).
+        wrap_strategy: Wraps the optimisation strategy (e.g. homomorphic aggregation);
+            ``None`` reads ``aggregation-mode`` from the run config (`fedcrm.server.aggregation`).
         dp: Record-level DP settings; ``None`` reads ``dp-*`` keys from the run config (no
             ``dp-target-epsilon``: no DP).
         ledger_url: The privacy ledger's URL unless the DP settings name one (default:
@@ -50,28 +72,46 @@ def make_server_app(
         run_id: The run's id in the ledger (default: Flower's run id).
         errors: A run stopped by `FederationStopped` is appended here (with its partial
             result) instead of raising inside Flower; ``None`` lets it raise.
+        compliance: The run's purpose and audit store; ``None`` reads ``consent-purpose`` and
+            ``audit-url`` from the run config (neither: no consent gate, no audit trail).
+        audit: The run's audit trail, if the caller opened it (else one over ``audit-url``).
+        traffic: Counts the bytes of every train and evaluate message (read it per round).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if traffic is not None:
+            grid = MeteredGrid(grid, traffic)
+        if results is None:
+            _log_to_console()
         config = cfg or FederationConfig.from_run_config(context.run_config)
+        wrap = wrap_strategy or aggregation.wrapper(
+            context.run_config, strategy=str(config.strategy), round_timeout=config.round_timeout
+        )
         privacy = dp or FederatedDPConfig.from_run_config(context.run_config)
         ledger = None
         if privacy is not None:
             url = privacy.ledger_url or ledger_url or sqlite_url(DEFAULT_LEDGER)
             ledger = PrivacyLedger(open_store(url))
             logger.info("privacy ledger: %s", url)
+        declared = compliance or ComplianceConfig.from_run_config(context.run_config)
+        name = run_id or str(context.run_id)
+        trail = audit
+        if trail is None and declared.audit_url is not None:
+            trail = RunAudit(declared.audit_url, name)
         try:
             result = run_federation(
                 grid,
                 config,
                 min_nodes=min_nodes,
                 on_round=on_round,
-                wrap_strategy=wrap_strategy,
+                wrap_strategy=wrap,
                 dp=privacy,
                 ledger=ledger,
-                run_id=run_id or str(context.run_id),
+                run_id=name,
+                purpose=declared.purpose,
+                audit=trail,
             )
         except FederationStopped as exc:
             logger.error("%s", exc)
@@ -81,6 +121,13 @@ def make_server_app(
             return
         if results is not None:
             results.append(result)
+        else:  # Flower's deployment engine: nobody in-process collects the result
+            out = Path(str(context.run_config.get(OUT_DIR_KEY) or DEFAULT_OUT_DIR))
+            folder = write_outputs(result, out / str(context.run_id))
+            logger.info("model and round records written to %s", folder.resolve())
+            if trail is not None:  # the release's hash goes to the run's audit log
+                model = folder / "model.safetensors"
+                trail.model_release(model, model="churn", last_round=result.best_round)
 
     return app
 

@@ -9,6 +9,14 @@ branch answers with a privacy report: admitted (trained with DP-SGD, parameters 
 refused (its budget would be exceeded; nothing trained, nothing sent). The coordinator writes
 each report to the privacy ledger, aggregates the admitted updates only, and stops the run with
 `FederationStopped` when fewer than ``min-train-nodes`` branches are admitted.
+
+A run that declares a purpose (``purpose``) sends it with every message; each branch trains
+only on rows with valid consent for it and answers with a round manifest, or refuses the run
+(`fedcrm.server.consent_replies`). Refusals are handled like budget refusals: recorded, left
+out, and the run stops below ``min-train-nodes``; refusals of the statistics query are recorded
+as round 0, and a run where no branch sends statistics stops there with every branch's reason
+(`FederationStopped`). With a `RunAudit`, the configuration,
+manifests, refusals and ledger entries also go to the run's audit log.
 """
 
 import logging
@@ -33,6 +41,7 @@ from fedcrm.compliance import (
     NeighbouringRelation,
     PrivacyLedger,
     PrivacyUnit,
+    Purpose,
     SamplingMethod,
 )
 from fedcrm.data.preprocess import Moments, Scaler, combine_moments
@@ -41,6 +50,14 @@ from fedcrm.exceptions import ConfigError, FedCrmError, InconsistentReplies
 from fedcrm.models.churn import build_model
 from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport
 from fedcrm.server.config import FederationConfig
+from fedcrm.server.consent_replies import (
+    ConsentRefusalEvent,
+    ManifestEvent,
+    screen_consent_replies,
+    screen_statistics_replies,
+)
+from fedcrm.server.run_audit import RunAudit
+from fedcrm.strategies.central_dp import CentralBudgetExhausted
 from fedcrm.strategies.factory import StrategyName, build_strategy
 from fedcrm.strategies.validated import Rejection, ValidatedStrategy
 
@@ -61,6 +78,8 @@ class RoundRecord:
     """``"<branch>: <reason>"`` of every branch whose privacy budget refused the round."""
     privacy: dict[str, float] = field(default_factory=dict)
     """DP runs: admitted and refused counts and the largest cumulative ε after the round."""
+    consent: dict[str, float] = field(default_factory=dict)
+    """Consent-gated runs: branches admitted and refused, training rows used and excluded."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,12 @@ class FederationResult:
     dp: FederatedDPConfig | None = None
     privacy: list[PrivacyEvent] = field(default_factory=list)
     """Every branch's privacy report, round by round (DP runs)."""
+    manifests: list[ManifestEvent] = field(default_factory=list)
+    """Every branch's round manifest (consent-gated runs)."""
+    consent_refusals: list[ConsentRefusalEvent] = field(default_factory=list)
+    """Every branch's refusal of the run's purpose, round by round."""
+    central_dp: dict[str, object] | None = None
+    """Branch-level central DP: what each round spent (`CentralDPSummary.as_dict`)."""
 
 
 class FederationStopped(FedCrmError):
@@ -124,43 +149,138 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def federated_scaler(grid: Grid, nodes: list[int], cfg: FederationConfig) -> Scaler:
+@dataclass
+class FederatedStatistics:
+    """The branches' answers to the federated-statistics query."""
+
+    scaler: Scaler | None
+    """The shared scaler; ``None`` when no branch returned statistics."""
+    answered: int
+    """Branches whose moments the scaler combines."""
+    refusals: list[ConsentRefusalEvent] = field(default_factory=list)
+    """Consent-gated runs: branches refusing the run's purpose (round 0)."""
+    failures: list[str] = field(default_factory=list)
+    """``"node <id>: <reason>"`` of every failed or malformed answer."""
+
+
+def query_statistics(
+    grid: Grid, nodes: list[int], cfg: FederationConfig, *, consent: dict[str, str] | None = None
+) -> FederatedStatistics:
     """Ask every branch for its moments and combine them into the shared scaler.
 
+    ``consent`` (the run's purpose and id) makes branches compute them on consented rows only;
+    a branch whose data or consent does not cover the purpose answers with its structured
+    refusal instead (`fedcrm.server.consent_replies.screen_statistics_replies`).
+
     Raises:
-        InconsistentReplies: No branch answered, or an answer is malformed.
+        InconsistentReplies: An answer's moments are malformed.
     """
     schema = get_schema(cfg.schema)
-    content = RecordDict({k.CONFIG: ConfigRecord({k.KEY_SCHEMA: cfg.schema})})
+    content = RecordDict({k.CONFIG: ConfigRecord({k.KEY_SCHEMA: cfg.schema, **(consent or {})})})
     messages = [
         Message(
             content=content, dst_node_id=n, message_type=f"{MessageType.QUERY}.{k.ACTION_MOMENTS}"
         )
         for n in nodes
     ]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    screen = screen_statistics_replies(replies) if consent else None
+    if screen is not None:
+        replies = screen.kept
     parts: list[Moments] = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+    failures = [f"node {r.node_id}: {r.reason}" for r in (screen.dropped if screen else [])]
+    for reply in replies:
         if reply.has_error():
             logger.warning(
                 "node %d: statistics query failed: %s",
                 reply.metadata.src_node_id,
                 reply.error.reason,
             )
+            failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
             continue
         values = reply.content.metric_records[k.METRICS][k.KEY_MOMENTS]
         parts.append(Moments.from_list(values, len(schema.numeric)))  # type: ignore[arg-type]
-    if not parts:
-        raise InconsistentReplies("no branch returned statistics; cannot build the shared scaler")
     logger.info("federated statistics from %d of %d branches", len(parts), len(nodes))
-    return Scaler.from_moments(combine_moments(parts))
+    scaler = Scaler.from_moments(combine_moments(parts)) if parts else None
+    refusals = screen.refusals if screen else []
+    return FederatedStatistics(scaler, len(parts), refusals, failures)
+
+
+def federated_scaler(
+    grid: Grid, nodes: list[int], cfg: FederationConfig, *, consent: dict[str, str] | None = None
+) -> Scaler:
+    """The shared scaler from :func:`query_statistics`.
+
+    Raises:
+        InconsistentReplies: No branch answered, or an answer is malformed.
+    """
+    stats = query_statistics(grid, nodes, cfg, consent=consent)
+    if stats.scaler is None:
+        raise InconsistentReplies(
+            "no branch returned statistics; cannot build the shared scaler"
+            + (f" ({'; '.join(stats.failures)})" if stats.failures else "")
+        )
+    return stats.scaler
+
+
+def screen_statistics(
+    stats: FederatedStatistics,
+    *,
+    result: FederationResult,
+    audit: RunAudit | None,
+) -> Scaler:
+    """Record the statistics query's consent refusals like a round's; return the scaler.
+
+    Every refusal goes to ``result.consent_refusals`` (round 0) and to the audit log.
+
+    Raises:
+        FederationStopped: No branch returned statistics and at least one refused the run's
+            purpose (the message names each branch's reason), or the audit log refused a
+            record.
+        InconsistentReplies: No branch returned statistics, none refused.
+    """
+    result.consent_refusals.extend(stats.refusals)
+    try:
+        for event in stats.refusals:
+            if audit is not None:
+                audit.consent_refusal(event.round, event.refusal)
+    except FedCrmError as exc:
+        message = f"federated statistics: the audit log refused a record: {exc}"
+        raise FederationStopped(message, result) from exc
+    refused = [f"{e.refusal.branch}: consent: {e.refusal.reason}" for e in stats.refusals]
+    if stats.scaler is not None:
+        if refused:
+            logger.warning(
+                "federated statistics: %d branch(es) refused the run's purpose, continuing "
+                "with %d: %s",
+                len(refused),
+                stats.answered,
+                "; ".join(refused),
+            )
+        return stats.scaler
+    detail = "; ".join([*refused, *stats.failures]) or "no reply"
+    if not refused:
+        raise InconsistentReplies(
+            f"no branch returned statistics; cannot build the shared scaler ({detail})"
+        )
+    raise FederationStopped(
+        f"federated statistics: no branch returned statistics ({len(refused)} of "
+        f"{result.num_branches} refused the run's purpose, {len(stats.failures)} failed); "
+        f"stopping the run before round 1 (every refusal is in the audit log). {detail}",
+        result,
+    )
 
 
 def _message_config(
-    cfg: FederationConfig, scaler: Scaler, dp: FederatedDPConfig | None = None
+    cfg: FederationConfig,
+    scaler: Scaler,
+    dp: FederatedDPConfig | None = None,
+    consent: dict[str, str] | None = None,
 ) -> ConfigRecord:
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(consent or {})
     if dp is not None:  # the ledger URL stays on the coordinator
-        extra = {**dp.to_run_config(include_ledger=False), k.KEY_NUM_ROUNDS: cfg.num_rounds}
+        extra.update(dp.to_run_config(include_ledger=False))
+        extra[k.KEY_NUM_ROUNDS] = cfg.num_rounds
     return ConfigRecord(
         {
             **extra,
@@ -264,6 +384,71 @@ def screen_private_replies(
     return kept, events, dropped
 
 
+def screen_consent(
+    rnd: int,
+    replies: list[Message],
+    *,
+    sent: int,
+    cfg: FederationConfig,
+    audit: RunAudit | None,
+    result: FederationResult,
+    strategy: ValidatedStrategy,
+) -> tuple[list[Message], list[str], dict[str, float]]:
+    """Record a consent-gated round's manifests and refusals; keep the admitted replies.
+
+    Returns:
+        The replies to go on with, the refusals as ``"<branch>: consent: <reason>"``, and the
+        round's consent counts.
+
+    Raises:
+        FederationStopped: Fewer than ``min-train-nodes`` branches are left, or the audit log
+            refused a record.
+    """
+    screen = screen_consent_replies(rnd, replies)
+    result.manifests.extend(screen.manifests)
+    result.consent_refusals.extend(screen.refusals)
+    strategy.rejections.extend(screen.dropped)
+    try:
+        for manifest in screen.manifests:
+            if audit is not None:
+                audit.manifest(rnd, manifest.manifest)
+        for refusal in screen.refusals:
+            if audit is not None:
+                audit.consent_refusal(rnd, refusal.refusal)
+    except FedCrmError as exc:
+        result.rejections = list(strategy.rejections)
+        message = f"round {rnd}: the audit log refused a record: {exc}"
+        raise FederationStopped(message, result) from exc
+    refused = [f"{e.refusal.branch}: consent: {e.refusal.reason}" for e in screen.refusals]
+    usable = sum(not reply.has_error() for reply in screen.kept)
+    counts = {
+        "admitted": float(len(screen.manifests)),
+        "refused": float(len(refused)),
+        "rows-used": float(sum(e.manifest.rows_after for e in screen.manifests)),
+        "rows-excluded": float(
+            sum(e.manifest.rows_before - e.manifest.rows_after for e in screen.manifests)
+        ),
+    }
+    needed = min(cfg.min_train_nodes, sent)
+    if usable < needed:
+        result.rejections = list(strategy.rejections)
+        detail = "; ".join(refused) or "no reply"
+        raise FederationStopped(
+            f"round {rnd}: only {usable} of {sent} branches trained ({len(refused)} refused the "
+            f"run's purpose), fewer than min-train-nodes = {needed}; stopping the run (every "
+            f"refusal is in the audit log). {detail}",
+            result,
+        )
+    if refused:
+        logger.warning(
+            "round %d: %d branch(es) refused the run's purpose, continuing with %d",
+            rnd,
+            len(refused),
+            usable,
+        )
+    return screen.kept, refused, counts
+
+
 def run_federation(
     grid: Grid,
     cfg: FederationConfig,
@@ -274,6 +459,8 @@ def run_federation(
     dp: FederatedDPConfig | None = None,
     ledger: PrivacyLedger | None = None,
     run_id: str = "run",
+    purpose: Purpose | None = None,
+    audit: RunAudit | None = None,
 ) -> FederationResult:
     """Run federated churn training on the branches connected to ``grid``.
 
@@ -285,22 +472,39 @@ def run_federation(
         wrap_strategy: Wraps the optimisation strategy (inside the reply validation).
         dp: Record-level DP settings sent to every branch (``None``: no DP).
         ledger: Where every branch's privacy decision is recorded (DP runs).
-        run_id: The run's id in the ledger.
+        run_id: The run's id in the ledger, the audit log and the branches' manifests.
+        purpose: The run's declared purpose: every branch gates its rows on consent for it
+            (``None``: no consent gate).
+        audit: The run's audit trail (configuration, manifests, refusals, ledger entries).
 
     Raises:
         ConfigError: DP was asked for with FedProx (its proximal term is not clipped).
-        FederationStopped: Privacy budgets left fewer than ``min-train-nodes`` admitted
-            branches, or the ledger refused a branch's report.
+        FederationStopped: Privacy budgets or consent refusals left fewer than
+            ``min-train-nodes`` admitted branches, or the ledger refused a branch's report.
         FedCrmError: A round produced no usable update.
     """
     if dp is not None and cfg.strategy is StrategyName.FEDPROX:
         raise ConfigError("record-level DP cannot run with fedprox: use fedavg or fedadam")
     if dp is not None:
         logger.info("privacy: %s", dp.describe())
+    consent = None
+    if purpose is not None:
+        consent = {k.KEY_CONSENT_PURPOSE: purpose.value, k.KEY_RUN_ID: run_id}
+    if audit is not None:
+        audit.configuration(
+            {
+                **cfg.to_run_config(),
+                **(consent or {}),
+                **({} if dp is None else dp.to_run_config(include_ledger=False)),
+            }
+        )
     nodes = wait_for_nodes(grid, min_nodes, cfg.round_timeout)
-    scaler = federated_scaler(grid, nodes, cfg)
+    stats = query_statistics(grid, nodes, cfg, consent=consent)
     schema = get_schema(cfg.schema)
     model = build_model(schema.input_dim, seed=cfg.seed, hidden=cfg.hidden)
+    identity = Scaler(np.zeros(len(schema.numeric)), np.ones(len(schema.numeric)))
+    result = FederationResult(model.state_dict(), stats.scaler or identity, len(nodes), dp=dp)
+    scaler = screen_statistics(stats, result=result, audit=audit)
     arrays = ArrayRecord(model.state_dict())
     inner = build_strategy(
         cfg.strategy,
@@ -310,22 +514,43 @@ def run_federation(
         server_lr=cfg.server_lr,
     )
     strategy = ValidatedStrategy(wrap_strategy(inner) if wrap_strategy else inner)
-    config = _message_config(cfg, scaler, dp)
-    result = FederationResult(model.state_dict(), scaler, len(nodes), dp=dp)
+    config = _message_config(cfg, scaler, dp, consent)
     best_val = -np.inf
     for rnd in range(1, cfg.num_rounds + 1):
         start = time.perf_counter()
         before = len(strategy.rejections)
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+        try:
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+        except CentralBudgetExhausted as exc:
+            result.rejections = list(strategy.rejections)
+            raise FederationStopped(
+                f"{exc}; stopping the run (the refusal is in the privacy ledger)", result
+            ) from exc
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         received = len(replies)
         refused: list[str] = []
         privacy: dict[str, float] = {}
+        consent_refused: list[str] = []
+        consent_counts: dict[str, float] = {}
+        if purpose is not None:
+            replies, consent_refused, consent_counts = screen_consent(
+                rnd,
+                replies,
+                sent=len(messages),
+                cfg=cfg,
+                audit=audit,
+                result=result,
+                strategy=strategy,
+            )
         if dp is not None:
             try:
                 replies, events, dropped = screen_private_replies(
                     rnd, replies, ledger=ledger, run_id=run_id
                 )
+                if audit is not None:
+                    for event in events:
+                        entry = ledger_entry(event.report, run_id=run_id, server_round=rnd)
+                        audit.ledger_entry(entry)
             except LedgerError as exc:
                 result.rejections = list(strategy.rejections)
                 raise FederationStopped(
@@ -385,8 +610,9 @@ def run_federation(
             train=_plain(train_metrics),
             evaluate=_plain(eval_metrics),
             rejected=[r.reason for r in strategy.rejections[before:]],
-            refused=refused,
+            refused=consent_refused + refused,
             privacy=privacy,
+            consent=consent_counts,
         )
         result.rounds.append(record)
         # Model selection on the branches' validation rows only (never on test rows).

@@ -27,12 +27,21 @@ from typing import Any
 from fedcrm.data.partition import PartitionKind
 from fedcrm.data.schema import SCHEMAS
 from fedcrm.exceptions import ConfigError
+from fedcrm.privacy.branch_accounting import CentralDPConfig, central_dp_toml, parse_central_dp
 from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_RUN_CONFIG_KEYS
 from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.server.config import FederationConfig
+from fedcrm.simulation.consent_setup import ConsentSetup, compliance_toml, parse_compliance
 from fedcrm.strategies.factory import StrategyName
-from fedcrm.strategies.guardrails import AggregationMode, RobustAggregator, check_combination
+from fedcrm.strategies.guardrails import (
+    AggregationMode,
+    RobustAggregator,
+    ServerClipping,
+    check_combination,
+)
 from fedcrm.strategies.robust import RobustConfig
+from fedcrm.strategies.secagg import RUN_CONFIG_KEYS as SECAGG_KEYS
+from fedcrm.strategies.secagg import SecAggConfig
 
 SYNTHETIC_PREFIX = "synthetic:"
 
@@ -61,12 +70,14 @@ class AggregationConfig:
     """How the server aggregates (the ``[aggregation]`` table).
 
     ``mode = "he"`` sums CKKS ciphertexts (keys created in the run directory);
+    ``mode = "secagg"`` runs Flower's SecAgg+ (``secagg-*`` keys: `SecAggConfig`);
     ``robust`` picks a Byzantine-robust aggregator for plaintext mode. Refused combinations
     are explained by `fedcrm.strategies.guardrails.check_combination`.
     """
 
     mode: AggregationMode = AggregationMode.PLAIN
     robust: RobustConfig = field(default_factory=RobustConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 def parse_aggregation(section: Mapping[str, Any]) -> AggregationConfig:
@@ -78,12 +89,13 @@ def parse_aggregation(section: Mapping[str, Any]) -> AggregationConfig:
     _unknown(
         "aggregation",
         section,
-        {"mode", "robust", "krum-malicious", "multi-krum-select", "trim-beta"},
+        {"mode", "robust", "krum-malicious", "multi-krum-select", "trim-beta", *SECAGG_KEYS},
     )
     try:
         mode = AggregationMode(section.get("mode", "plain"))
-        if mode is AggregationMode.SECAGG:
-            raise ConfigError("mode 'secagg' is not available yet: use 'plain' or 'he'")
+        secagg = SecAggConfig.from_run_config(section)
+        if mode is not AggregationMode.SECAGG and any(key in section for key in SECAGG_KEYS):
+            raise ConfigError("secagg-* keys need mode = 'secagg'")
         robust = RobustConfig(
             aggregator=RobustAggregator(section.get("robust", "none")),
             num_malicious=int(section.get("krum-malicious", 1)),
@@ -92,7 +104,7 @@ def parse_aggregation(section: Mapping[str, Any]) -> AggregationConfig:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[aggregation]: {exc}") from exc
-    return AggregationConfig(mode=mode, robust=robust)
+    return AggregationConfig(mode=mode, robust=robust, secagg=secagg)
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,10 @@ class ExperimentConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     """Aggregation mode (plain / HE) and robust aggregator (the ``[aggregation]`` table)."""
     """Record-level DP-SGD settings (the ``[dp]`` table); ``None``: no DP."""
+    central_dp: CentralDPConfig | None = None
+    """Branch-level central DP (the ``[central-dp]`` table); ``None``: none."""
+    compliance: ConsentSetup | None = None
+    """The run's declared purpose and simulated consent (``[compliance]``); ``None``: no gate."""
 
     @property
     def schema_name(self) -> str:
@@ -131,11 +147,28 @@ class ExperimentConfig:
             raise ConfigError("federation.schema must match the dataset's schema")
         if self.dp is not None and self.federation.strategy is StrategyName.FEDPROX:
             raise ConfigError("[dp] cannot be used with strategy 'fedprox': use fedavg or fedadam")
+        central = self.central_dp
         check_combination(
             mode=self.aggregation.mode,
             robust=self.aggregation.robust.aggregator,
             strategy=str(self.federation.strategy),
+            server_clipping=(
+                ServerClipping.NONE
+                if central is None or central.mode.client_side
+                else ServerClipping.ADAPTIVE
+                if central.mode.adaptive
+                else ServerClipping.FIXED
+            ),
+            central_dp=central is not None,
         )
+        if self.aggregation.mode is AggregationMode.SECAGG and (
+            self.dp is not None or self.compliance is not None
+        ):
+            raise ConfigError(
+                "[dp] and [compliance] with mode 'secagg' are not supported yet: SecAgg+ "
+                "replies carry no privacy report or round manifest for the ledger and the "
+                "audit log; use mode 'plain' or 'he' with them"
+            )
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(
                 f"name must be a non-empty word without slashes or spaces: {self.name!r}"
@@ -198,7 +231,9 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
         "federation",
         "baselines",
         "dp",
+        "central-dp",
         "aggregation",
+        "compliance",
     }
     _unknown("top level", raw, top)
     for required in ("name", "dataset"):
@@ -242,8 +277,16 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
             dp = parse_dp(_section(raw, "dp"))
         except ConfigError as exc:
             raise ConfigError(f"[dp]: {exc}") from exc
+    central_dp = None
+    if "central-dp" in raw:
+        central_dp = parse_central_dp(_section(raw, "central-dp"))
+    compliance = None
+    if "compliance" in raw:
+        compliance = parse_compliance(_section(raw, "compliance"))
     return ExperimentConfig(
+        compliance=compliance,
         dp=dp,
+        central_dp=central_dp,
         aggregation=parse_aggregation(_section(raw, "aggregation")),
         name=str(raw["name"]),
         dataset=dataset,
@@ -292,12 +335,19 @@ def to_toml_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "federation": cfg.federation.to_run_config(),
         "baselines": {"enabled": cfg.baselines.enabled, "torch-epochs": cfg.baselines.torch_epochs},
         **({} if cfg.dp is None else {"dp": dp_toml(cfg.dp)}),
+        **({} if cfg.central_dp is None else {"central-dp": central_dp_toml(cfg.central_dp)}),
+        **({} if cfg.compliance is None else {"compliance": compliance_toml(cfg.compliance)}),
         "aggregation": {
             "mode": str(cfg.aggregation.mode),
             "robust": str(cfg.aggregation.robust.aggregator),
             "krum-malicious": cfg.aggregation.robust.num_malicious,
             "multi-krum-select": cfg.aggregation.robust.num_selected,
             "trim-beta": cfg.aggregation.robust.trim_beta,
+            **(
+                cfg.aggregation.secagg.to_run_config()
+                if cfg.aggregation.mode is AggregationMode.SECAGG
+                else {}
+            ),
         },
     }
 

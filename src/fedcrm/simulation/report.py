@@ -102,6 +102,23 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _central_dp_lines(central: Mapping[str, Any]) -> list[str]:
+    return [
+        "## Branch-level privacy (central DP)",
+        "",
+        f"{central['description']}.",
+        f"Noise: {central['noise']}. ε after this run: {central['epsilon']:.3f} per branch at "
+        f"δ = {central['delta']:g} (privacy unit: branch; neighbouring relation: "
+        f"{central['neighbouring_relation']} one branch's data; mechanism: "
+        f"{central['mechanism']}; sampling: {central['sampling']}; "
+        f"{central['accountant'].upper()} accountant, {central['library_version']}).",
+        "Not covered: the training metrics branches report and the evaluation aggregates are "
+        "released without noise. Each round is one row of the privacy ledger (branch "
+        "`federation`, unit `branch`).",
+        "",
+    ]
+
+
 def plot_auc(
     path: Path, rounds: Sequence[Mapping[str, Any]], centralised: Mapping[str, Any], title: str
 ) -> None:
@@ -128,6 +145,23 @@ def plot_auc(
 
 def _row(name: str, m: Mapping[str, Any]) -> str:
     return f"| {name} | " + " | ".join(f"{float(m[c]):.4f}" for c in _COLUMNS) + " |"
+
+
+def _evaluation_gate_lines(gate: Mapping[str, Any]) -> list[str]:
+    """What the consent gate left out of the pooled evaluation and baseline rows."""
+    before, excluded = gate["rows_before"], gate["rows_excluded"]
+    counts = ", ".join(f"{excluded[s]} of {before[s]} {s}" for s in ("train", "val", "test"))
+    reasons = gate["excluded_by_reason"]["test"]
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "none"
+    lines = [
+        f"Consent gate on evaluation ({gate['purpose']}, as of {gate['at']}): the pooled rows "
+        f"above exclude customers without valid consent, as the branches do: {counts} rows "
+        f"left out (test rows: {why}). The baselines train on the same gated rows.",
+    ]
+    if gate["refused_branches"]:
+        refused = ", ".join(f"{b} ({code})" for b, code in gate["refused_branches"].items())
+        lines.append(f"Branches refusing the purpose contribute no row: {refused}.")
+    return [*lines, ""]
 
 
 def write_report(
@@ -171,7 +205,21 @@ def write_report(
             f"Rejected branch updates: {len(fed['rejected_updates'])} (see summary.json).",
             "",
         ]
+    traffic = summary.get("traffic")
+    if traffic:
+        lines += [
+            f"Aggregation: {traffic['aggregation']}; per branch and round (train + evaluate "
+            f"messages) {traffic['bytes_up_per_branch_per_round']:,.0f} bytes up, "
+            f"{traffic['bytes_down_per_branch_per_round']:,.0f} bytes down; median round "
+            f"{traffic['median_round_seconds']:.2f} s.",
+            "",
+        ]
+    gate = summary.get("compliance", {}).get("evaluation_gate")
+    if gate:
+        lines += _evaluation_gate_lines(gate)
     if summary.get("privacy"):
         lines += _privacy_lines(summary["privacy"])
+    if summary.get("central_dp"):
+        lines += _central_dp_lines(summary["central_dp"])
     lines += ["![AUC per round](auc_per_round.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")

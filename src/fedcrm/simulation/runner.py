@@ -18,6 +18,10 @@ Run directory layout::
                            persistent accountant
       report.md, auc_per_round.png
       flower.log           Flower's own log of the run
+      compliance.db        consent-gated runs ([compliance]): consent registry, audit log,
+                           lineage; audit-log.jsonl its signed export, audit-key.pem(.pub) the
+                           run's Ed25519 key; branches/NNN/consent.csv the imported consent and
+                           branches/NNN/consent/ the salts (0600) and archived manifests
 """
 
 import json
@@ -29,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,8 +49,10 @@ from safetensors.torch import save_file
 
 from fedcrm.client.app import branch_dir, make_client_app
 from fedcrm.client.branch import BranchData, write_export
+from fedcrm.client.central_dp_mod import adaptive_clipping_mod, fixed_clipping_mod
 from fedcrm.client.he_mod import HEMod
-from fedcrm.compliance import sqlite_url
+from fedcrm.client.secagg_client import secagg_mod
+from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
 from fedcrm.data.check import coerce_frame
 from fedcrm.data.loaders import load_dataset
 from fedcrm.data.partition import partition_indices
@@ -66,12 +72,22 @@ from fedcrm.server.federation import (
     RoundRecord,
     StrategyWrapper,
 )
+from fedcrm.server.run_audit import ComplianceConfig, RunAudit
+from fedcrm.server.traffic import RoundTraffic, TrafficMeter
 from fedcrm.simulation.baselines import PooledData, run_baselines
 from fedcrm.simulation.config import SYNTHETIC_PREFIX, ExperimentConfig, to_toml_dict
+from fedcrm.simulation.consent_setup import (
+    compliance_path,
+    finish_run_audit,
+    gate_pooled_splits,
+    setup_branch_consent,
+)
 from fedcrm.simulation.report import privacy_summary, write_report
+from fedcrm.strategies.central_dp import CentralDPStrategy
 from fedcrm.strategies.guardrails import AggregationMode, RobustAggregator
 from fedcrm.strategies.he import HEAggregation, replay_global_model
 from fedcrm.strategies.robust import robust_strategy
+from fedcrm.strategies.secagg import SecAggPlusAggregation
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +208,7 @@ def simulate(
     run_dir: Path,
     num_branches: int,
     on_round: Callable[[RoundRecord], None] | None = None,
+    traffic: TrafficMeter | None = None,
 ) -> FederationResult:
     """Run the federated training on Flower's simulation engine with one node per branch.
 
@@ -203,15 +220,26 @@ def simulate(
     only the public one, and the server keeps ciphertext checkpoints in
     ``<run_dir>/checkpoints``. The researcher, who holds the key authority's files in a
     simulation as it holds the pooled data, replays them into the plaintext model at the end.
-    ``robust`` replaces FedAvg by the chosen robust aggregator (plaintext mode).
+    ``robust`` replaces FedAvg by the chosen robust aggregator (plaintext mode). With
+    ``mode = "secagg"`` each round's training runs inside Flower's SecAgg+ protocol
+    (`SecAggPlusAggregation` on the server, `secagg_mod` on the branches).
     """
     agg = cfg.aggregation
     wrap_strategy: StrategyWrapper | None = None
     mods: list[Mod] = []
     he_servers: list[HEAggregation] = []
+    compliance, trail, consent_db = None, None, None
+    if cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
+        consent_db = sqlite_url(compliance_path(run_dir))
+        compliance = ComplianceConfig(cfg.compliance.purpose, consent_db)
+        trail = RunAudit(consent_db, run_dir.name)
     if agg.mode is AggregationMode.HE:
         keys = init_keys(run_dir / "keys")
         secret_path = keys.secret_path
+        if trail is not None:
+            trail.key_generation(
+                key_id=keys.key_id, generation=keys.generation, params=asdict(keys.params)
+            )
 
         def wrap_he(inner: Strategy) -> Strategy:
             server = HEAggregation(
@@ -223,6 +251,12 @@ def simulate(
             return server
 
         wrap_strategy, mods = wrap_he, [HEMod(run_dir / "keys")]
+    elif agg.mode is AggregationMode.SECAGG:
+
+        def wrap_secagg(inner: Strategy) -> Strategy:
+            return SecAggPlusAggregation(inner, agg.secagg, timeout=cfg.federation.round_timeout)
+
+        wrap_strategy, mods = wrap_secagg, [secagg_mod]
     elif agg.robust.aggregator is not RobustAggregator.NONE:
 
         def wrap_robust(inner: Strategy) -> Strategy:
@@ -231,6 +265,28 @@ def simulate(
             return robust_strategy(inner, agg.robust)
 
         wrap_strategy = wrap_robust
+    central: list[CentralDPStrategy] = []
+    if cfg.central_dp is not None:  # guardrails: never together with HE, SecAgg+ or robust
+        central_cfg = cfg.central_dp
+        central_url = (cfg.dp.ledger_url if cfg.dp else None) or sqlite_url(ledger_path(run_dir))
+
+        def wrap_central(inner: Strategy) -> Strategy:
+            strategy = CentralDPStrategy(
+                inner,
+                central_cfg,
+                rounds=cfg.federation.num_rounds,
+                ledger=PrivacyLedger(open_store(central_url)),
+                run_id=run_dir.name,
+            )
+            central.append(strategy)
+            return strategy
+
+        wrap_strategy = wrap_central
+        if central_cfg.mode.client_side:
+            mods = [
+                adaptive_clipping_mod if central_cfg.mode.adaptive else fixed_clipping_mod,
+                *mods,
+            ]
     results: list[FederationResult] = []
     stopped: list[FederationStopped] = []
     server_app = make_server_app(
@@ -243,8 +299,11 @@ def simulate(
         run_id=run_dir.name,
         errors=stopped,
         wrap_strategy=wrap_strategy,
+        compliance=compliance,
+        audit=trail,
+        traffic=traffic,
     )
-    client_app = make_client_app(run_dir / "branches", mods=mods)
+    client_app = make_client_app(run_dir / "branches", mods=mods, consent_db=consent_db)
     with _FlowerLogToFile(run_dir / "flower.log"), ray_session_dir(run_dir) as ray_dir:
         run_simulation(
             server_app=server_app,
@@ -257,6 +316,8 @@ def simulate(
     if not results:
         raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
     result = results[0]
+    if central:
+        result.central_dp = central[0].summary_data.as_dict()
     server = he_servers[0] if he_servers else None
     if server is not None and server.initial is not None:
         model = replay_global_model(
@@ -268,6 +329,23 @@ def simulate(
             {n: Array(a) for n, a in model.items()}
         ).to_torch_state_dict()
     return result
+
+
+def traffic_summary(
+    mode: AggregationMode, rounds: list[RoundRecord], traffic: list[RoundTraffic]
+) -> dict[str, Any]:
+    """Median bytes per branch per round (train + evaluate messages) and median round time."""
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values)) if values else float("nan")
+
+    return {
+        "aggregation": str(mode),
+        "bytes_up_per_branch_per_round": median([t.up_per_branch for t in traffic]),
+        "bytes_down_per_branch_per_round": median([t.down_per_branch for t in traffic]),
+        "median_round_seconds": median([r.seconds for r in rounds]),
+        "measured": "protobuf bytes of every train and evaluate message, medians over rounds",
+    }
 
 
 def ledger_path(run_dir: Path) -> Path:
@@ -333,20 +411,64 @@ def run_experiment(
     schema, branches = write_branches(cfg, run_dir)
     splits, scaler = pooled_splits(run_dir, schema, branches, cfg.federation.seed)
     pooled = _pool(splits, schema, scaler)
+    consent_made_up = None
+    consent_branches = [
+        (b.partition_id, b.name, branch_dir(run_dir / "branches", b.partition_id)) for b in branches
+    ]
+    if cfg.compliance is not None:
+        if cfg.aggregation.mode is AggregationMode.SECAGG:
+            raise ConfigError("[compliance] with mode 'secagg' is not supported yet")
+        phase("importing the branches' consent")
+        consent_made_up = setup_branch_consent(
+            cfg.compliance,
+            consent_branches,
+            url=sqlite_url(compliance_path(run_dir)),
+            id_column=schema.id_column,
+            seed=cfg.seed,
+            now=datetime.now(UTC),
+        )
+    if cfg.aggregation.mode is AggregationMode.SECAGG:  # fail before Ray starts
+        cfg.aggregation.secagg.check_capacity(len(branches))
+        cfg.aggregation.secagg.check_weight(max(len(s.train) for s in splits))
 
     metrics_path = run_dir / "metrics.jsonl"
 
+    meter = TrafficMeter()
+    traffic: list[RoundTraffic] = []
+
     def record_round(record: RoundRecord) -> None:
+        traffic.append(meter.take())
+        line = {**record.__dict__, "traffic": traffic[-1].as_dict()}
         with metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record.__dict__, default=float) + "\n")
+            fh.write(json.dumps(line, default=float) + "\n")
         if on_round is not None:
             on_round(record)
 
     phase(f"federated training: {len(branches)} branches, {cfg.federation.num_rounds} rounds")
     t0 = time.perf_counter()
-    result = simulate(cfg, run_dir, len(branches), record_round)
+    result = simulate(cfg, run_dir, len(branches), record_round, traffic=meter)
     fed_seconds = time.perf_counter() - t0
     save_file(result.state_dict, str(run_dir / "model.safetensors"))
+    compliance = None
+    if cfg.compliance is not None:
+        compliance = finish_run_audit(
+            run_dir,
+            sqlite_url(compliance_path(run_dir)),
+            model_path=run_dir / "model.safetensors",
+            last_round=result.best_round,
+        )
+        compliance["consent_imported"] = consent_made_up
+        # Evaluation and baselines are processing too: the same gate, as of the run's end,
+        # and the features scaled as the federated model was trained (the gated statistics).
+        splits, compliance["evaluation_gate"] = gate_pooled_splits(
+            cfg.compliance,
+            consent_branches,
+            splits,
+            url=sqlite_url(compliance_path(run_dir)),
+            id_column=schema.id_column,
+            at=datetime.now(UTC),
+        )
+        pooled = _pool(splits, schema, result.scaler)
 
     model = model_from_state(result.state_dict)
     federated = exact_metrics(
@@ -388,16 +510,25 @@ def run_experiment(
             "best_round": result.best_round,
             "model_selection": "round with the best pooled validation ROC-AUC",
             "seconds": fed_seconds,
-            "evaluated_on": "pooled test rows of every branch (exact)",
+            "evaluated_on": (
+                "pooled test rows of every branch (exact)"
+                if cfg.compliance is None
+                else "pooled test rows with valid consent at the run's end (exact)"
+            ),
             "last_round": result.rounds[-1].evaluate if result.rounds else {},
             "rejected_updates": [r.__dict__ for r in result.rejections],
         },
         "centralised": centralised,
+        "traffic": traffic_summary(cfg.aggregation.mode, result.rounds, traffic),
     }
+    if compliance is not None:
+        summary["compliance"] = compliance
     if result.dp is not None:
         summary["privacy"] = privacy_summary(
             result, ledger=result.dp.ledger_url or sqlite_url(ledger_path(run_dir))
         )
+    if result.central_dp is not None:
+        summary["central_dp"] = result.central_dp
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     write_report(run_dir, summary, [r.evaluate for r in result.rounds])
     phase(f"report written to {run_dir / 'report.md'}")

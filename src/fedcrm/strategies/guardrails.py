@@ -14,6 +14,8 @@ Refused combinations::
     secagg      robust aggregator                 masked updates are uniformly random alone
     secagg      server-side clipping / central DP the same: only the sum is ever unmasked
     plain/any   robust aggregator + not FedAvg    Flower's robust strategies replace FedAvg
+    he/secagg   central DP (Flower's DP wrappers) the noise goes on the plaintext mean
+    any         central DP + robust / FedAdam...  noise is added after the inner strategy
 
 Central DP under HE (the allowed form): branches clip their own update (a clipping mod
 inside :class:`fedcrm.client.he_mod.HEMod`) and each adds Gaussian noise of variance
@@ -108,6 +110,7 @@ def check_combination(
     server_clipping: ServerClipping = ServerClipping.NONE,
     strategy: str = "fedavg",
     secagg: bool = False,
+    central_dp: bool = False,
     strict: bool = True,
 ) -> list[Refusal]:
     """Check one combination of aggregation settings.
@@ -119,6 +122,8 @@ def check_combination(
         strategy: The server strategy name (``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``,
             ``fedadagrad``).
         secagg: SecAgg+ requested on top of ``mode`` (for callers with a separate switch).
+        central_dp: Branch-level central DP through Flower's DP wrappers (any of the four;
+            all add the noise to the plaintext mean on the server).
         strict: Raise instead of returning when anything is refused.
 
     Returns:
@@ -180,6 +185,28 @@ def check_combination(
                 f"Flower's robust strategies replace FedAvg's aggregation; they cannot also be "
                 f"{strategy} (no proximal term is sent, no server optimiser is applied).",
                 "strategy = 'fedavg' with the robust aggregator.",
+            )
+        )
+    if central_dp and mode in masked and server_clipping is ServerClipping.NONE:
+        out.append(
+            Refusal(
+                f"central DP on {masked[mode]}",
+                "Flower's central-DP wrappers take each update's norm and add noise to the "
+                "plaintext mean on the server; the server only holds "
+                f"{masked[mode]} until the sum is revealed.",
+                "mode = 'plain' with [central-dp], or distributed noise under HE (see this "
+                "module's docstring).",
+            )
+        )
+    if central_dp and (robust is not RobustAggregator.NONE or strategy in _ADAPTIVE_OPTIMISERS):
+        other = str(robust) if robust is not RobustAggregator.NONE else strategy
+        out.append(
+            Refusal(
+                f"central DP with {other}",
+                "the branch-level accounting assumes Gaussian noise on the plain mean of clipped "
+                f"updates; Flower adds it after the inner strategy, so {other} would change "
+                "what is released and the sensitivity.",
+                "strategy = 'fedavg' or 'fedprox' without a robust aggregator.",
             )
         )
     if strict and out:

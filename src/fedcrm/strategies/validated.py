@@ -53,6 +53,14 @@ class ReplyChecker(Protocol):
         """Why ``reply`` cannot be aggregated, or ``None`` if it can."""
 
 
+@runtime_checkable
+class RejectionSource(Protocol):
+    """An inner strategy that leaves updates out itself (SecAgg+ dropouts) reports them."""
+
+    def take_rejections(self) -> list[Rejection]:
+        """The updates left out since the last call, with reasons."""
+
+
 class ValidatedStrategy(Strategy):
     """Wrap a strategy; drop updates with wrong names, shapes, NaN values or bad counts.
 
@@ -101,7 +109,10 @@ class ValidatedStrategy(Strategy):
             node = reply.metadata.src_node_id
             logger.warning("round %d: update of node %d rejected: %s", server_round, node, reason)
             self.rejections.append(Rejection(server_round, node, reason))
-        return self.inner.aggregate_train(server_round, good)
+        result = self.inner.aggregate_train(server_round, good)
+        if isinstance(self.inner, RejectionSource):
+            self.rejections.extend(self.inner.take_rejections())
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -1,7 +1,13 @@
 import tomllib
 from pathlib import Path
 
+from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_KEYS
+from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.server.aggregation import KEY_AGGREGATION_MODE, wrapper
 from fedcrm.server.config import FederationConfig
+from fedcrm.server.run_audit import RUN_CONFIG_AUDIT_URL, RUN_CONFIG_PURPOSE, ComplianceConfig
+from fedcrm.strategies.secagg import RUN_CONFIG_KEYS as SECAGG_KEYS
+from fedcrm.strategies.secagg import SecAggConfig
 
 PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
 
@@ -9,5 +15,28 @@ PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
 def test_flower_app_config_matches_federation_defaults() -> None:
     declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     defaults = FederationConfig().to_run_config()
-    assert set(declared) <= set(defaults), set(declared) - set(defaults)
+    others = {"out-dir", KEY_AGGREGATION_MODE, "he-public-context", "he-checkpoint-dir"}
+    others |= {RUN_CONFIG_PURPOSE, RUN_CONFIG_AUDIT_URL}
+    federation = set(declared) - others - set(SECAGG_KEYS) - set(DP_KEYS)
+    assert federation == set(defaults), federation ^ set(defaults)
     assert FederationConfig.from_run_config(declared) == FederationConfig()
+
+
+def test_flower_app_config_declares_dp_and_compliance_keys_off_by_default() -> None:
+    """Every key the ServerApp reads is declared, so ``flwr run --run-config`` may set it."""
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(DP_KEYS) <= set(declared), set(DP_KEYS) - set(declared)
+    assert FederatedDPConfig.from_run_config(declared) is None  # no DP unless asked for
+    # The declared values are the DP defaults: asking for a target changes only the target.
+    chosen = FederatedDPConfig.from_run_config({**declared, "dp-target-epsilon": 3.0})
+    assert chosen == FederatedDPConfig(target_epsilon=3.0)
+    assert {RUN_CONFIG_PURPOSE, RUN_CONFIG_AUDIT_URL} <= set(declared)
+    assert ComplianceConfig.from_run_config(declared) == ComplianceConfig()  # no gate, no trail
+    gated = {**declared, RUN_CONFIG_PURPOSE: "churn-model-training", RUN_CONFIG_AUDIT_URL: "x"}
+    assert ComplianceConfig.from_run_config(gated).audit_url == "x"
+
+
+def test_flower_app_config_declares_secure_aggregation_defaults() -> None:
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert SecAggConfig.from_run_config(declared) == SecAggConfig()
+    assert wrapper(declared, strategy="fedavg", round_timeout=5) is None  # plain by default

@@ -104,7 +104,13 @@ def _raw(aggregation: dict[str, object], strategy: str = "fedavg") -> dict[str, 
         ({"mode": "he", "robust": "median"}, "fedavg", "median on HE ciphertexts"),
         ({"mode": "he"}, "fedadam", "fedadam on HE ciphertexts"),
         ({"robust": "trimmed-mean"}, "fedprox", "trimmed-mean with fedprox"),
-        ({"mode": "secagg"}, "fedavg", "not available yet"),
+        ({"mode": "secagg", "robust": "krum"}, "fedavg", "krum on SecAgg\\+ masks"),
+        ({"mode": "secagg", "secagg-clipping-range": 0}, "fedavg", "clipping-range must be > 0"),
+        ({"mode": "secagg", "secagg-modulus-range": 3000}, "fedavg", "power of two"),
+        ({"mode": "secagg", "secagg-num-shares": 4}, "fedavg", "odd integer"),
+        ({"mode": "secagg", "secagg-threshold": 5}, "fedavg", "below secagg-num-shares"),
+        ({"mode": "secagg", "secagg-quantization-range": 1.5}, "fedavg", "whole number"),
+        ({"secagg-max-weight": 10}, "fedavg", "need mode = 'secagg'"),
         ({"mode": "fhe"}, "fedavg", "aggregation"),
         ({"robust": "bulyan"}, "fedavg", "aggregation"),
         ({"trim-beta": 0.7, "robust": "trimmed-mean"}, "fedavg", "trim-beta"),
@@ -124,3 +130,18 @@ def test_good_toml_is_parsed() -> None:
     cfg = parse_experiment(_raw({"robust": "multi-krum", "multi-krum-select": 4}))
     assert cfg.aggregation.robust.aggregator is RobustAggregator.MULTI_KRUM
     assert cfg.aggregation.robust.num_selected == 4
+
+
+def test_secagg_toml_is_parsed() -> None:
+    cfg = parse_experiment(
+        _raw({"mode": "secagg", "secagg-clipping-range": 4, "secagg-num-shares": 0.5})
+    )
+    assert cfg.aggregation.mode is AggregationMode.SECAGG
+    assert cfg.aggregation.secagg.clipping_range == 4.0
+    assert cfg.aggregation.secagg.num_shares == 0.5
+
+
+def test_secagg_refuses_dp_until_reports_travel_with_it() -> None:
+    raw = {**_raw({"mode": "secagg"}), "dp": {"target-epsilon": 3.0}}
+    with pytest.raises(ConfigError, match="not supported yet"):
+        parse_experiment(raw)
