@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
+
+from fedcrm.strategies._grid import DelegatingGrid
 
 __all__ = ["MeteredGrid", "RoundTraffic", "TrafficMeter"]
 
@@ -79,36 +80,12 @@ def _counted(msg: Message) -> bool:
     return msg.metadata.message_type.split(".")[0] in _COUNTED
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(DelegatingGrid):
     """Delegate to ``grid``; add the size of every train / evaluate message to ``meter``."""
 
     def __init__(self, grid: Grid, meter: TrafficMeter) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.meter = meter
-
-    def set_run(self, run: Any) -> None:
-        """Delegate."""
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Delegate."""
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegate."""
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate."""
-        return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Count, then delegate."""

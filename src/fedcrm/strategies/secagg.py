@@ -74,6 +74,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcrm import constants as k
 from fedcrm.exceptions import ConfigError
+from fedcrm.strategies._grid import DelegatingGrid
 from fedcrm.strategies.validated import Rejection
 
 __all__ = [
@@ -285,38 +286,12 @@ class SecAggRound:
     """Node id -> why it left the round (an error reply or no reply), first stage only."""
 
 
-class _TapGrid(Grid):
+class _TapGrid(DelegatingGrid):
     """Delegate to ``grid``; note which branches fail or miss each protocol stage."""
 
     def __init__(self, grid: Grid, record: SecAggRound) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.record = record
-
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
