@@ -16,6 +16,13 @@ Outgoing (train): the handler's new local model ``w_k`` becomes
 ``enc(n_k * (w_k - w_t))`` under the round's key; the plaintext ``ArrayRecord`` is removed from
 the reply. Evaluate replies (metrics only) pass unchanged.
 
+Distributed DP (``[central-dp] mode = "distributed"``: the round's HE record carries ``z``, ``C``
+and ``K_min``, :class:`fedcrm.privacy.distributed_dp.DistributedNoise`): the one encrypt path
+then runs, in this order, ``delta = w_k - w_t``; clip ``delta`` to L2 norm ``C``; add
+``N(0, (z C)^2 / K_min)`` per coordinate from a CSPRNG-seeded generator; weight 1 instead of
+``n_k`` (the server's count is then the number of branches); encrypt. The privacy argument is in
+:mod:`fedcrm.privacy.distributed_dp`.
+
 Failures (no or wrong key, a stale base model, a value out of the encryptable range,
 ciphertext that does not decrypt) become an error ``Message`` with the reason; nothing is
 raised across the network and nothing is sent in plaintext instead.
@@ -24,6 +31,7 @@ raised across the network and nothing is sent in plaintext instead.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fedcrm import constants as k
+from fedcrm.exceptions import ConfigError
+from fedcrm.privacy.distributed_dp import DistributedNoise, secure_generator
 from fedcrm.privacy.he import EncryptedUpdate, HEContext, HEError, decrypt, encrypt_update
 from fedcrm.privacy.keys import current_generation, load_secret_context
 from fedcrm.strategies.he import (
@@ -98,6 +108,8 @@ class HEMod:
         self.metrics_key = metrics_key
         self.weight_key = weight_key
         self._context: HEContext | None = None
+        self._rng_factory: Callable[[], np.random.Generator] = secure_generator
+        """Distributed DP's noise source; replaced by tests only (fixed seeds)."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -118,8 +130,8 @@ class HEMod:
             reply = call_next(msg, ctxt)
             if reply.has_error() or msg.metadata.message_type.split(".")[0] != "train":
                 return reply
-            return self._encrypt_reply(reply, base, secret)
-        except (_Refusal, HEError, ValueError, KeyError, TypeError) as exc:
+            return self._encrypt_reply(reply, base, secret, DistributedNoise.from_fields(fields))
+        except (_Refusal, HEError, ConfigError, ValueError, KeyError, TypeError) as exc:
             reason = f"HE mod: {exc}"
             logger.warning("%s", reason)
             return Message(
@@ -194,7 +206,11 @@ class HEMod:
     # ------------------------------------------------------------------ outgoing
 
     def _encrypt_reply(
-        self, reply: Message, base: dict[str, np.ndarray], secret: HEContext
+        self,
+        reply: Message,
+        base: dict[str, np.ndarray],
+        secret: HEContext,
+        noise: DistributedNoise | None,
     ) -> Message:
         content = reply.content
         if self.arrays_key not in content.array_records:
@@ -208,7 +224,11 @@ class HEMod:
         record = content.array_records[self.arrays_key]
         local = {name: record[name].numpy() for name in base}
         delta = flatten(local) - flatten(base)
-        update = encrypt_update(secret, pre_weight(delta, count), key_id=secret.key_id)
+        if noise is None:
+            plain = pre_weight(delta, count)
+        else:  # distributed DP: clip to C, add this branch's noise share, weight 1
+            plain = pre_weight(noise.privatize(delta, rng=self._rng_factory()), 1.0)
+        update = encrypt_update(secret, plain, key_id=secret.key_id)
         # Every other record (metrics, a DP privacy report) passes; the plaintext model does not.
         out = RecordDict({key: rec for key, rec in content.items() if key != self.arrays_key})
         out[HE_RECORD] = ConfigRecord({HE_UPDATE: update.to_bytes(), HE_KEY_ID: secret.key_id})

@@ -15,15 +15,21 @@ Refused combinations::
     secagg      server-side clipping / central DP the same: only the sum is ever unmasked
     plain/any   robust aggregator + not FedAvg    Flower's robust strategies replace FedAvg
     he/secagg   central DP (Flower's DP wrappers) the noise goes on the plaintext mean
+    plain/secagg distributed DP                   per-branch noise shares are too small alone
     any         central DP + robust / FedAdam...  noise is added after the inner strategy
 
-Central DP under HE (the allowed form): branches clip their own update (a clipping mod
-inside :class:`fedcrm.client.he_mod.HEMod`) and each adds Gaussian noise of variance
-``sigma^2 / K`` before encrypting, so the decrypted sum carries noise of variance ``sigma^2``
-(distributed DP; Truex et al., "A Hybrid Approach to Privacy-Preserving Federated Learning",
-arXiv:1812.03224). The server learns only the noised sum, as with central DP. The guarantee
-assumes at most a fraction of branches collude to subtract their own noise; size ``sigma`` for
-``K - c`` honest branches. This module refuses the server-side variant only.
+Central DP under HE (the allowed form, ``[central-dp] mode = "distributed"``): every branch
+clips its own update to ``C`` and adds Gaussian noise of variance ``(z C)^2 / K_min`` before
+encrypting, in :class:`fedcrm.client.he_mod.HEMod`'s encrypt path, and the sum is
+equal-weighted, so the decrypted sum carries noise of std at least ``z C`` as long as ``K_min``
+of its branches are honest (distributed DP; Truex et al., "A Hybrid Approach to
+Privacy-Preserving Federated Learning", arXiv:1812.03224). The server
+(:class:`fedcrm.strategies.distributed_dp.DistributedDPStrategy`) accounts each round as one
+Gaussian mechanism with multiplier ``z`` (unit branch, add/remove one branch, ``q = 1``) and
+refuses to release a sum of fewer than ``K_min`` branches. It cannot verify the clipping or the
+noise on ciphertexts: the guarantee relies on the branches running the mod. The argument is in
+:mod:`fedcrm.privacy.distributed_dp`. Without HE the same shares would leave each individual
+update with only ``1 / sqrt(K_min)`` of the noise, so distributed mode is refused there.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ def check_combination(
     strategy: str = "fedavg",
     secagg: bool = False,
     central_dp: bool = False,
+    distributed_dp: bool = False,
     strict: bool = True,
 ) -> list[Refusal]:
     """Check one combination of aggregation settings.
@@ -123,7 +130,9 @@ def check_combination(
             ``fedadagrad``).
         secagg: SecAgg+ requested on top of ``mode`` (for callers with a separate switch).
         central_dp: Branch-level central DP through Flower's DP wrappers (any of the four;
-            all add the noise to the plaintext mean on the server).
+            all add the noise to the plaintext mean on the server), or distributed DP.
+        distributed_dp: The central DP is the distributed variant (``[central-dp] mode =
+            "distributed"``: branches clip and add noise shares); allowed only under HE.
         strict: Raise instead of returning when anything is refused.
 
     Returns:
@@ -163,8 +172,9 @@ def check_combination(
                 "clipping needs each update's norm, which the server cannot compute without "
                 "decrypting or unmasking; central DP noise added to the sum would need the "
                 "plaintext sum on the server too.",
-                "clip on the branches (client-side clipping mod) and add distributed noise "
-                "(each of K branches adds N(0, sigma^2/K)); see this module's docstring.",
+                "clip on the branches and add distributed noise: [central-dp] mode = "
+                "'distributed' with [aggregation] mode = 'he' (each branch clips to C and adds "
+                "N(0, (z C)^2 / K_min) before encrypting); see this module's docstring.",
             )
         )
     if mode is AggregationMode.HE and strategy in _ADAPTIVE_OPTIMISERS:
@@ -187,15 +197,32 @@ def check_combination(
                 "strategy = 'fedavg' with the robust aggregator.",
             )
         )
-    if central_dp and mode in masked and server_clipping is ServerClipping.NONE:
+    if distributed_dp and mode is not AggregationMode.HE:
+        out.append(
+            Refusal(
+                f"distributed DP without HE ({mode})",
+                "each branch adds only N(0, (z C)^2 / K_min), sized to protect the sum; without "
+                "HE the server would see individual updates (plaintext) or the fedcrm branch "
+                "mod would not run (SecAgg+), so the noise would not be applied as analysed.",
+                "[aggregation] mode = 'he' with distributed DP, or a server-fixed / "
+                "server-adaptive / client-fixed / client-adaptive [central-dp] mode in plaintext.",
+            )
+        )
+    if (
+        central_dp
+        and not distributed_dp
+        and mode in masked
+        and server_clipping is ServerClipping.NONE
+    ):
         out.append(
             Refusal(
                 f"central DP on {masked[mode]}",
                 "Flower's central-DP wrappers take each update's norm and add noise to the "
                 "plaintext mean on the server; the server only holds "
                 f"{masked[mode]} until the sum is revealed.",
-                "mode = 'plain' with [central-dp], or distributed noise under HE (see this "
-                "module's docstring).",
+                "mode = 'plain' with [central-dp], or [central-dp] mode = 'distributed' with "
+                "[aggregation] mode = 'he' (branches clip and add noise shares before "
+                "encrypting; see this module's docstring).",
             )
         )
     if central_dp and (robust is not RobustAggregator.NONE or strategy in _ADAPTIVE_OPTIMISERS):

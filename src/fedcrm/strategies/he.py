@@ -240,6 +240,9 @@ class HEAggregation(Strategy):
         engine: How ciphertexts are added (``fedcrm.privacy.he.sum_encrypted``).
         checkpoint_dir: If given, every round's ciphertext checkpoint is written there
             (``round-NNNN.fche`` plus its count): the server's only stored model.
+        min_summands: The fewest updates a released sum may hold; with fewer valid updates
+            the round's sum is neither stored nor released (distributed DP's ``K_min``, see
+            :mod:`fedcrm.strategies.distributed_dp`).
 
     Raises:
         ContextKindError: ``public_context`` holds a secret key.
@@ -264,6 +267,7 @@ class HEAggregation(Strategy):
         public_context: HEContext,
         engine: SumEngine = "numpy",
         checkpoint_dir: Path | None = None,
+        min_summands: int = 1,
     ) -> None:
         if not isinstance(strategy, FedAvg) or type(strategy) not in (FedAvg, FedProx):
             raise ConfigError(
@@ -280,6 +284,7 @@ class HEAggregation(Strategy):
         self.context = public_context
         self.engine: SumEngine = engine
         self.checkpoint_dir = checkpoint_dir
+        self.min_summands = min_summands
         self.checkpoints: list[Checkpoint] = []
         self.rejections: list[HERejection] = []
         self.initial: dict[str, npt.NDArray[np.floating]] | None = None
@@ -417,6 +422,15 @@ class HEAggregation(Strategy):
                 bad, _, _ = good.pop(exc.index)
                 self._reject(server_round, bad.metadata.src_node_id, str(exc))
         if total is None:
+            return None, None
+        if len(good) < self.min_summands:
+            logger.warning(
+                "round %d: only %d encrypted updates could be summed, fewer than the %d "
+                "required; the sum is neither stored nor released",
+                server_round,
+                len(good),
+                self.min_summands,
+            )
             return None, None
         checkpoint = Checkpoint(server_round, sum(c for _, _, c in good), total.to_bytes())
         self._store(checkpoint)
