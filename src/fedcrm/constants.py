@@ -48,6 +48,11 @@ KEY_PRIVACY_MODEL: Final = "privacy-model"
 KEY_PRIVACY_PURPOSE: Final = "privacy-purpose"
 KEY_LEDGER_URL: Final = "ledger-url"  # run config only; never sent to branches
 
+# Run-config keys (``[tool.flwr.app.config]``) read by more than one module.
+KEY_STRATEGY: Final = "strategy"
+KEY_AGGREGATION_MODE: Final = "aggregation-mode"  # "plain", "he" or "secagg"
+KEY_CENTRAL_DP_MODE: Final = "central-dp-mode"  # branch-level DP; the ClientApp reads it too
+
 # MetricRecord keys sent by branches.
 KEY_NUM_EXAMPLES: Final = "num-examples"
 KEY_TRAIN_LOSS: Final = "train-loss"

@@ -41,6 +41,7 @@ from flwr.clientapp.typing import Mod
 
 from fedcrm import constants as k
 from fedcrm.client import branch, dp_round
+from fedcrm.client.central_dp_mod import central_clipping_mod
 from fedcrm.client.consent_gate import (
     CONSENT_ERROR_CODE,
     CONSENT_REFUSED_CODE,
@@ -473,8 +474,10 @@ def make_client_app(
     return app
 
 
-app = make_client_app(mods=[secagg_mod, HEMod()])
+app = make_client_app(mods=[central_clipping_mod, secagg_mod, HEMod()])
 """The ClientApp for Flower's deployment engine (``fedcrm.client.app:app``).
 
-Both secure-aggregation mods pass through messages of other modes: SecAgg+ rounds need nothing
-on the branch, HE rounds need the branch's key directory in node config ``he-key-dir``."""
+Every mod passes through messages of other modes: SecAgg+ rounds need nothing on the branch, HE
+rounds need the branch's key directory in node config ``he-key-dir``, and client-side central DP
+clips (as the run config's ``central-dp-mode`` says) only train messages that carry a clipping
+norm. The clipping mod comes first, so it is the last to touch the parameters."""

@@ -7,6 +7,10 @@ record-level DP, may answer a train message with a refusal that carries no param
 mods would turn each of those into an error. The mods here hand them through unchanged and call
 Flower's mod only for a train message that carries ``clipping_norm``.
 
+The deployed ClientApp (``fedcrm.client.app:app``) cannot know the variant when it is built,
+so it carries :func:`central_clipping_mod`, which picks one of the two per message from the run
+config's ``central-dp-mode`` (the same run config the deployed ServerApp reads).
+
 Mod order: put the clipping mod first in ``ClientApp(mods=[...])``, so that it is the last to
 touch the reply's parameters before they leave the branch (Flower's own advice). It is not
 combined with :class:`fedcrm.client.he_mod.HEMod` (the guardrails refuse central DP with HE).
@@ -17,6 +21,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedcrm import constants as k
+from fedcrm.privacy.branch_accounting import CentralDPMode
 
 KEY_CLIPPING_NORM = "clipping_norm"
 """The key Flower's client-side wrappers put in the train config (``KEY_CLIPPING_NORM``)."""
@@ -69,3 +74,18 @@ fixed_clipping_mod: Mod = _guarded(fixedclipping_mod, adaptive=False)
 
 adaptive_clipping_mod: Mod = _guarded(adaptiveclipping_mod, adaptive=True)
 """``adaptiveclipping_mod`` (clip and report the clipped bit) for the same messages."""
+
+
+def central_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Client-side clipping chosen by the run config, for the deployed ClientApp.
+
+    A train message that carries ``clipping_norm`` (only Flower's client-side wrappers send it)
+    is clipped by :data:`adaptive_clipping_mod` when the run config's ``central-dp-mode`` is
+    ``client-adaptive`` (the server needs the clipped bit), else by :data:`fixed_clipping_mod`
+    (a norm sent without a matching mode is still honoured). Every other message, and every
+    message of a run without client-side clipping, is handed through unchanged.
+    """
+    if not _applies(msg):
+        return call_next(msg, ctxt)
+    adaptive = ctxt.run_config.get(k.KEY_CENTRAL_DP_MODE) == CentralDPMode.CLIENT_ADAPTIVE
+    return (adaptive_clipping_mod if adaptive else fixed_clipping_mod)(msg, ctxt, call_next)

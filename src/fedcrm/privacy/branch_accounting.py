@@ -63,6 +63,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from fedcrm import constants as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.accounting import (
     AccountingError,
@@ -71,6 +72,7 @@ from fedcrm.privacy.accounting import (
     plan_noise_multiplier,
 )
 from fedcrm.privacy.config import ACCOUNTANTS, AccountantName
+from fedcrm.strategies.guardrails import AggregationMode, ServerClipping, check_combination
 
 CENTRAL_SAMPLE_RATE: Final = 1.0
 """No amplification by sampling is claimed (Flower samples branches without Poisson sampling)."""
@@ -79,6 +81,8 @@ COUNT_SENSITIVITY: Final = 1.0
 LEDGER_SCOPE: Final = "federation"
 """The ledger's ``branch`` value of branch-level entries: the bound holds for every branch."""
 DEFAULT_DELTA: Final = 1e-5
+RUN_CONFIG_PREFIX: Final = "central-dp-"
+"""Run-config keys (``flwr run --run-config``) are the ``[central-dp]`` keys with this prefix."""
 DEFAULT_COUNT_STDDEV_FACTOR: Final = 2.0
 """Default ``sigma_b = 2 * z_eff``: the update noise then grows by 15 % (Andrew et al.'s
 ``m / 20`` needs hundreds of branches per round to be usable)."""
@@ -96,6 +100,9 @@ class CentralDPMode(StrEnum):
     """``DifferentialPrivacyClientSideFixedClipping`` + ``fixedclipping_mod`` on the branch."""
     CLIENT_ADAPTIVE = "client-adaptive"
     """``DifferentialPrivacyClientSideAdaptiveClipping`` + ``adaptiveclipping_mod``."""
+    DISTRIBUTED = "distributed"
+    """Under HE only: each branch clips to ``C`` and adds its share of the noise before
+    encrypting (:mod:`fedcrm.privacy.distributed_dp`); the server only sums ciphertexts."""
 
     @property
     def adaptive(self) -> bool:
@@ -213,6 +220,8 @@ class CentralDPConfig:
             noise multiplier is given).
         model: The model the budget is kept for.
         purpose: The processing purpose the budget is kept for.
+        min_honest_branches: Distributed mode only: ``K_min``, the honest branches each
+            branch's noise share is sized for; ``None``: the federation's ``min-train-nodes``.
 
     Raises:
         ConfigError: Listing every invalid value.
@@ -230,6 +239,7 @@ class CentralDPConfig:
     max_epsilon: float | None = None
     model: str = "churn"
     purpose: str = "churn-model-training"
+    min_honest_branches: int | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -265,6 +275,12 @@ class CentralDPConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip() or len(value) > 64:
                 problems.append(f"{name} must be a non-empty string of at most 64 characters")
+        k_min = self.min_honest_branches
+        if k_min is not None:
+            if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+                problems.append(f"min-honest-branches must be an integer >= 1, got {k_min!r}")
+            elif self.mode is not CentralDPMode.DISTRIBUTED:
+                problems.append("min-honest-branches applies to mode 'distributed' only")
         if (
             not problems
             and self.noise_multiplier is not None
@@ -279,6 +295,81 @@ class CentralDPConfig:
             )
         if problems:
             raise ConfigError("central DP: " + "; ".join(problems))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> "CentralDPConfig | None":
+        """Build from Flower's run config (the deployed ServerApp, ``flwr run --run-config``).
+
+        The keys are the ``[central-dp]`` keys prefixed with ``central-dp-``
+        (``central-dp-mode``, ``central-dp-target-epsilon``, ...). ``pyproject.toml`` declares
+        them with values that mean "off": ``central-dp-mode = ""`` (or ``"none"``, or absent)
+        is a run without central DP, and a ``central-dp-target-epsilon``,
+        ``central-dp-noise-multiplier``, ``central-dp-clipped-count-stddev``,
+        ``central-dp-max-epsilon`` or ``central-dp-min-honest-branches`` of 0 means "not set".
+        The combination is checked against ``aggregation-mode`` and ``strategy`` of the same
+        run config (the guardrails).
+
+        Returns:
+            The settings, or ``None`` when the mode is off.
+
+        Raises:
+            ConfigError: A ``central-dp-*`` key is unknown, a value is invalid, a target or
+                noise multiplier is set without a mode, or the guardrails refuse the
+                combination (:class:`fedcrm.strategies.guardrails.CombinationRefused`).
+        """
+        unknown = sorted(
+            key for key in run_config if key.startswith(RUN_CONFIG_PREFIX) and key not in RUN_KEYS
+        )
+        if unknown:
+            raise ConfigError(
+                f"central DP: unknown run-config key(s) {unknown}; known keys: {sorted(RUN_KEYS)}"
+            )
+        values: dict[str, object] = {}
+        for key, name in RUN_KEYS.items():
+            value = run_config.get(key)
+            if value is None or (name in _ZERO_IS_UNSET and _real(value) and value == 0):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and name in _FLOATS:
+                value = float(value)
+            values[name] = value
+        mode = values.pop("mode", "")
+        if mode in ("", "none"):
+            stray = sorted(RUN_CONFIG_PREFIX + n.replace("_", "-") for n in _GOALS & set(values))
+            if stray:
+                raise ConfigError(
+                    f"central DP: {stray} set but {k.KEY_CENTRAL_DP_MODE} is off; set "
+                    f"{k.KEY_CENTRAL_DP_MODE} to one of {[m.value for m in CentralDPMode]}"
+                )
+            return None
+        try:
+            cfg = cls(mode=mode, **values)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (run-config keys: {RUN_CONFIG_PREFIX}<key>, e.g. {k.KEY_CENTRAL_DP_MODE})"
+            ) from exc
+        raw = str(run_config.get(k.KEY_AGGREGATION_MODE) or AggregationMode.PLAIN)
+        try:
+            aggregation = AggregationMode(raw)
+        except ValueError as exc:
+            allowed = [str(m) for m in AggregationMode]
+            raise ConfigError(
+                f"{k.KEY_AGGREGATION_MODE} must be one of {allowed}, got {raw!r}"
+            ) from exc
+        check_combination(
+            mode=aggregation,
+            strategy=str(run_config.get(k.KEY_STRATEGY) or "fedavg"),
+            server_clipping=cfg.server_clipping,
+            central_dp=True,
+            distributed_dp=cfg.mode is CentralDPMode.DISTRIBUTED,
+        )
+        return cfg
+
+    @property
+    def server_clipping(self) -> ServerClipping:
+        """What the server clips, in the guardrails' terms (none for the client-side modes)."""
+        if self.mode.client_side or self.mode is CentralDPMode.DISTRIBUTED:
+            return ServerClipping.NONE
+        return ServerClipping.ADAPTIVE if self.mode.adaptive else ServerClipping.FIXED
 
     @property
     def budget(self) -> float | None:
@@ -358,8 +449,33 @@ TOML_KEYS: Final[dict[str, str]] = {
     "max-epsilon": "max_epsilon",
     "model": "model",
     "purpose": "purpose",
+    "min-honest-branches": "min_honest_branches",
 }
 """``[central-dp]`` TOML key -> :class:`CentralDPConfig` field."""
+RUN_KEYS: Final[dict[str, str]] = {RUN_CONFIG_PREFIX + key: name for key, name in TOML_KEYS.items()}
+"""Run-config key -> :class:`CentralDPConfig` field (:meth:`CentralDPConfig.from_run_config`)."""
+_ZERO_IS_UNSET: Final = frozenset(
+    {
+        "target_epsilon",
+        "noise_multiplier",
+        "clipped_count_stddev",
+        "max_epsilon",
+        "min_honest_branches",
+    }
+)
+_GOALS: Final = frozenset({"target_epsilon", "noise_multiplier"})
+_FLOATS: Final = frozenset(
+    {
+        "target_epsilon",
+        "noise_multiplier",
+        "delta",
+        "clipping_norm",
+        "target_quantile",
+        "clip_norm_lr",
+        "clipped_count_stddev",
+        "max_epsilon",
+    }
+)
 
 
 def parse_central_dp(section: Mapping[str, Any]) -> CentralDPConfig:

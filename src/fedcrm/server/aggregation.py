@@ -29,7 +29,7 @@ from fedcrm.strategies.secagg import SecAggConfig, SecAggPlusAggregation
 
 __all__ = ["KEY_AGGREGATION_MODE", "KEY_HE_CHECKPOINT_DIR", "KEY_HE_PUBLIC_CONTEXT", "wrapper"]
 
-KEY_AGGREGATION_MODE: Final = "aggregation-mode"
+KEY_AGGREGATION_MODE: Final = k.KEY_AGGREGATION_MODE
 KEY_HE_PUBLIC_CONTEXT: Final = "he-public-context"
 KEY_HE_CHECKPOINT_DIR: Final = "he-checkpoint-dir"
 DEFAULT_CHECKPOINT_DIR: Final = "he-checkpoints"

@@ -7,6 +7,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
+from fedcrm.exceptions import ConfigError
+from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
 from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.server import aggregation
 from fedcrm.server.config import FederationConfig
@@ -20,6 +22,7 @@ from fedcrm.server.federation import (
 from fedcrm.server.outputs import DEFAULT_OUT_DIR, write_outputs
 from fedcrm.server.run_audit import ComplianceConfig, RunAudit
 from fedcrm.server.traffic import MeteredGrid, TrafficMeter
+from fedcrm.strategies.central_dp import CentralDPStrategy, central_dp_wrapper
 
 DEFAULT_LEDGER = Path("fedcrm-ledger.db")
 """The privacy ledger of a deployment when neither the run config nor the caller names one."""
@@ -49,6 +52,7 @@ def make_server_app(
     results: list[FederationResult] | None = None,
     wrap_strategy: StrategyWrapper | None = None,
     dp: FederatedDPConfig | None = None,
+    central_dp: CentralDPConfig | None = None,
     ledger_url: str | None = None,
     run_id: str | None = None,
     errors: list[FederationStopped] | None = None,
@@ -67,8 +71,12 @@ def make_server_app(
             ``None`` reads ``aggregation-mode`` from the run config (`fedcrm.server.aggregation`).
         dp: Record-level DP settings; ``None`` reads ``dp-*`` keys from the run config (no
             ``dp-target-epsilon``: no DP).
-        ledger_url: The privacy ledger's URL unless the DP settings name one (default:
-            ``fedcrm-ledger.db`` in the working directory).
+        central_dp: Branch-level (central) DP settings; ``None`` reads ``central-dp-*`` keys
+            from the run config (no ``central-dp-mode``: none). It wraps the strategy itself,
+            so it is not combined with ``wrap_strategy`` or an ``aggregation-mode`` wrapper.
+        ledger_url: The privacy ledger's URL unless the record-level DP settings name one
+            (default: ``fedcrm-ledger.db`` in the working directory); record-level and
+            branch-level entries go to the same ledger.
         run_id: The run's id in the ledger (default: Flower's run id).
         errors: A run stopped by `FederationStopped` is appended here (with its partial
             result) instead of raising inside Flower; ``None`` lets it raise.
@@ -86,17 +94,35 @@ def make_server_app(
         if results is None:
             _log_to_console()
         config = cfg or FederationConfig.from_run_config(context.run_config)
+        central = central_dp or CentralDPConfig.from_run_config(context.run_config)
+        if central is not None and central.mode is CentralDPMode.DISTRIBUTED:
+            raise ConfigError(
+                "central-dp-mode 'distributed' is not supported by the deployed ServerApp yet; "
+                "use server-fixed, server-adaptive, client-fixed or client-adaptive"
+            )
         wrap = wrap_strategy or aggregation.wrapper(
             context.run_config, strategy=str(config.strategy), round_timeout=config.round_timeout
         )
         privacy = dp or FederatedDPConfig.from_run_config(context.run_config)
+        url = (privacy.ledger_url if privacy else None) or ledger_url or sqlite_url(DEFAULT_LEDGER)
         ledger = None
         if privacy is not None:
-            url = privacy.ledger_url or ledger_url or sqlite_url(DEFAULT_LEDGER)
             ledger = PrivacyLedger(open_store(url))
+        if privacy is not None or central is not None:
             logger.info("privacy ledger: %s", url)
         declared = compliance or ComplianceConfig.from_run_config(context.run_config)
         name = run_id or str(context.run_id)
+        central_built: list[CentralDPStrategy] = []
+        if central is not None:
+            if wrap is not None:  # the guardrails refuse it; never stack two wrappers silently
+                raise ConfigError("central DP wraps the strategy itself: no other wrapper with it")
+            wrap = central_dp_wrapper(
+                central,
+                rounds=config.num_rounds,
+                ledger_url=url,
+                run_id=name,
+                built=central_built,
+            )
         trail = audit
         if trail is None and declared.audit_url is not None:
             trail = RunAudit(declared.audit_url, name)
@@ -119,6 +145,8 @@ def make_server_app(
                 raise
             errors.append(exc)
             return
+        if central_built:
+            result.central_dp = central_built[0].summary_data.as_dict()
         if results is not None:
             results.append(result)
         else:  # Flower's deployment engine: nobody in-process collects the result

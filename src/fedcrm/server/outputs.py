@@ -7,7 +7,8 @@ it to ``out-dir`` (run config) itself::
     <out-dir>/<flower run id>/
       model.safetensors   the global model of the best validation round
       metrics.jsonl       one line per round (pooled federated evaluation)
-      summary.json        best round, rounds, branches, the shared scaler, rejected updates
+      summary.json        best round, rounds, branches, the shared scaler, rejected updates,
+                          branch-level DP (central DP runs: what each round spent)
 """
 
 import json
@@ -39,5 +40,7 @@ def write_outputs(result: FederationResult, folder: Path) -> Path:
         "scaler": {"mean": result.scaler.mean.tolist(), "std": result.scaler.std.tolist()},
         "rejected_updates": [r.__dict__ for r in result.rejections],
     }
+    if result.central_dp is not None:
+        summary["central_dp"] = result.central_dp
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return folder

@@ -27,7 +27,12 @@ from typing import Any
 from fedcrm.data.partition import PartitionKind
 from fedcrm.data.schema import SCHEMAS
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import CentralDPConfig, central_dp_toml, parse_central_dp
+from fedcrm.privacy.branch_accounting import (
+    CentralDPConfig,
+    CentralDPMode,
+    central_dp_toml,
+    parse_central_dp,
+)
 from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_RUN_CONFIG_KEYS
 from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.server.config import FederationConfig
@@ -133,6 +138,14 @@ class ExperimentConfig:
     """The run's declared purpose and simulated consent (``[compliance]``); ``None``: no gate."""
 
     @property
+    def min_honest_branches(self) -> int:
+        """Distributed DP's ``K_min``: ``min-honest-branches``, else ``min-train-nodes``."""
+        central = self.central_dp
+        if central is not None and central.min_honest_branches is not None:
+            return central.min_honest_branches
+        return self.federation.min_train_nodes
+
+    @property
     def schema_name(self) -> str:
         """The schema the data set follows."""
         return self.dataset.removeprefix(SYNTHETIC_PREFIX)
@@ -148,19 +161,21 @@ class ExperimentConfig:
         if self.dp is not None and self.federation.strategy is StrategyName.FEDPROX:
             raise ConfigError("[dp] cannot be used with strategy 'fedprox': use fedavg or fedadam")
         central = self.central_dp
+        distributed = central is not None and central.mode is CentralDPMode.DISTRIBUTED
         check_combination(
             mode=self.aggregation.mode,
             robust=self.aggregation.robust.aggregator,
             strategy=str(self.federation.strategy),
-            server_clipping=(
-                ServerClipping.NONE
-                if central is None or central.mode.client_side
-                else ServerClipping.ADAPTIVE
-                if central.mode.adaptive
-                else ServerClipping.FIXED
-            ),
+            server_clipping=ServerClipping.NONE if central is None else central.server_clipping,
             central_dp=central is not None,
+            distributed_dp=distributed,
         )
+        if distributed and self.min_honest_branches > self.partition.num_branches:
+            raise ConfigError(
+                f"[central-dp] min-honest-branches (K_min = {self.min_honest_branches}, default "
+                f"min-train-nodes) exceeds the {self.partition.num_branches} branches: no round "
+                "could be released"
+            )
         if self.aggregation.mode is AggregationMode.SECAGG and (
             self.dp is not None or self.compliance is not None
         ):

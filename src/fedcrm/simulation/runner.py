@@ -64,6 +64,7 @@ from fedcrm.data.synthetic import synthetic_export
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba
 from fedcrm.models.metrics import exact_metrics
+from fedcrm.privacy.branch_accounting import CentralDPMode
 from fedcrm.privacy.keys import init_keys, load_public_context, load_secret_context
 from fedcrm.server.app import make_server_app
 from fedcrm.server.federation import (
@@ -83,7 +84,7 @@ from fedcrm.simulation.consent_setup import (
     setup_branch_consent,
 )
 from fedcrm.simulation.report import privacy_summary, write_report
-from fedcrm.strategies.central_dp import CentralDPStrategy
+from fedcrm.strategies.distributed_dp import DistributedDPStrategy
 from fedcrm.strategies.guardrails import AggregationMode, RobustAggregator
 from fedcrm.strategies.he import HEAggregation, replay_global_model
 from fedcrm.strategies.robust import robust_strategy
@@ -220,6 +221,8 @@ def simulate(
     only the public one, and the server keeps ciphertext checkpoints in
     ``<run_dir>/checkpoints``. The researcher, who holds the key authority's files in a
     simulation as it holds the pooled data, replays them into the plaintext model at the end.
+    With ``[central-dp] mode = "distributed"`` (HE only) the HE server is wrapped in
+    `DistributedDPStrategy` and the branches clip and noise inside `HEMod`.
     ``robust`` replaces FedAvg by the chosen robust aggregator (plaintext mode). With
     ``mode = "secagg"`` each round's training runs inside Flower's SecAgg+ protocol
     (`SecAggPlusAggregation` on the server, `secagg_mod` on the branches).
@@ -228,6 +231,8 @@ def simulate(
     wrap_strategy: StrategyWrapper | None = None
     mods: list[Mod] = []
     he_servers: list[HEAggregation] = []
+    distributed_dp: list[DistributedDPStrategy] = []
+    central_url = (cfg.dp.ledger_url if cfg.dp else None) or sqlite_url(ledger_path(run_dir))
     compliance, trail, consent_db = None, None, None
     if cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
         consent_db = sqlite_url(compliance_path(run_dir))
@@ -248,7 +253,19 @@ def simulate(
                 checkpoint_dir=run_dir / "checkpoints",
             )
             he_servers.append(server)
-            return server
+            ddp_cfg = cfg.central_dp
+            if ddp_cfg is None or ddp_cfg.mode is not CentralDPMode.DISTRIBUTED:
+                return server
+            distributed = DistributedDPStrategy(
+                server,
+                ddp_cfg,
+                rounds=cfg.federation.num_rounds,
+                min_honest=cfg.min_honest_branches,
+                ledger=PrivacyLedger(open_store(central_url)),
+                run_id=run_dir.name,
+            )
+            distributed_dp.append(distributed)
+            return distributed
 
         wrap_strategy, mods = wrap_he, [HEMod(run_dir / "keys")]
     elif agg.mode is AggregationMode.SECAGG:
@@ -265,28 +282,16 @@ def simulate(
             return robust_strategy(inner, agg.robust)
 
         wrap_strategy = wrap_robust
-    central: list[CentralDPStrategy] = []
-    if cfg.central_dp is not None:  # guardrails: never together with HE, SecAgg+ or robust
-        central_cfg = cfg.central_dp
-        central_url = (cfg.dp.ledger_url if cfg.dp else None) or sqlite_url(ledger_path(run_dir))
-
-        def wrap_central(inner: Strategy) -> Strategy:
-            strategy = CentralDPStrategy(
-                inner,
-                central_cfg,
-                rounds=cfg.federation.num_rounds,
-                ledger=PrivacyLedger(open_store(central_url)),
-                run_id=run_dir.name,
-            )
-            central.append(strategy)
-            return strategy
-
-        wrap_strategy = wrap_central
-        if central_cfg.mode.client_side:
-            mods = [
-                adaptive_clipping_mod if central_cfg.mode.adaptive else fixed_clipping_mod,
-                *mods,
-            ]
+    # Guardrails: Flower's central DP never with HE, SecAgg+ or robust (distributed: HE above).
+    # The ServerApp wraps the strategy (`central_dp_wrapper`), as it does when deployed.
+    central_cfg = cfg.central_dp
+    if central_cfg is not None and central_cfg.mode is CentralDPMode.DISTRIBUTED:
+        central_cfg = None
+    if central_cfg is not None and central_cfg.mode.client_side:
+        mods = [
+            adaptive_clipping_mod if central_cfg.mode.adaptive else fixed_clipping_mod,
+            *mods,
+        ]
     results: list[FederationResult] = []
     stopped: list[FederationStopped] = []
     server_app = make_server_app(
@@ -295,6 +300,7 @@ def simulate(
         on_round=on_round,
         results=results,
         dp=cfg.dp,
+        central_dp=central_cfg,
         ledger_url=sqlite_url(ledger_path(run_dir)),
         run_id=run_dir.name,
         errors=stopped,
@@ -316,8 +322,8 @@ def simulate(
     if not results:
         raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
     result = results[0]
-    if central:
-        result.central_dp = central[0].summary_data.as_dict()
+    if distributed_dp:
+        result.central_dp = distributed_dp[0].summary_data.as_dict()
     server = he_servers[0] if he_servers else None
     if server is not None and server.initial is not None:
         model = replay_global_model(

@@ -40,7 +40,7 @@ What fedcrm adds around Flower's wrappers, and why:
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -67,6 +67,7 @@ from fedcrm.compliance import (
     PrivacyLedger,
     PrivacyUnit,
     SamplingMethod,
+    open_store,
 )
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import dp_sgd
@@ -226,6 +227,11 @@ class CentralDPStrategy(Strategy):
         ledger: PrivacyLedger | None = None,
         run_id: str = "run",
     ) -> None:
+        if config.mode is CentralDPMode.DISTRIBUTED:
+            raise ConfigError(
+                "central DP mode 'distributed' runs under HE: use "
+                "fedcrm.strategies.distributed_dp.DistributedDPStrategy"
+            )
         if not isinstance(inner, FedAvg) or type(inner).aggregate_train is not (
             FedAvg.aggregate_train
         ):
@@ -496,3 +502,39 @@ class CentralDPStrategy(Strategy):
     ) -> MetricRecord | None:
         """Delegate."""
         return self.dp.aggregate_evaluate(server_round, replies)
+
+
+def central_dp_wrapper(
+    config: CentralDPConfig,
+    *,
+    rounds: int,
+    ledger_url: str,
+    run_id: str,
+    built: list[CentralDPStrategy],
+) -> Callable[[Strategy], Strategy]:
+    """The strategy wrapper of a central-DP run, for the simulation and the deployed ServerApp.
+
+    Args:
+        config: The branch-level DP settings.
+        rounds: Rounds of the run (the noise is planned for them).
+        ledger_url: The privacy ledger the rounds are recorded in (and the history read from);
+            opened when the strategy is wrapped.
+        run_id: The run's id in the ledger.
+        built: The wrapping strategy is appended here, for its summary after the run.
+
+    Returns:
+        A function that wraps the inner FedAvg / FedProx in :class:`CentralDPStrategy`.
+    """
+
+    def wrap(inner: Strategy) -> Strategy:
+        strategy = CentralDPStrategy(
+            inner,
+            config,
+            rounds=rounds,
+            ledger=PrivacyLedger(open_store(ledger_url)),
+            run_id=run_id,
+        )
+        built.append(strategy)
+        return strategy
+
+    return wrap

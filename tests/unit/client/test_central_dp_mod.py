@@ -9,7 +9,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcrm.client.central_dp_mod import adaptive_clipping_mod, fixed_clipping_mod
+from fedcrm.client.central_dp_mod import (
+    adaptive_clipping_mod,
+    central_clipping_mod,
+    fixed_clipping_mod,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,3 +87,32 @@ def test_zero_update_is_sent_unclipped(mod: Callable[..., Message]) -> None:
     np.testing.assert_array_equal(out.content.array_records["arrays"]["w"].numpy(), GLOBAL)
     if mod is adaptive_clipping_mod:
         assert out.content.metric_records["metrics"]["norm_bit"] == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "bit"),
+    [("client-adaptive", True), ("client-fixed", False), ("", False)],
+    ids=["adaptive", "fixed", "no-mode"],
+)
+def test_deployed_mod_clips_as_the_run_config_says(mode: str, bit: bool) -> None:
+    delta = np.full(12, 5.0, dtype=np.float32)
+    ctxt = Context(1, 7, {}, RecordDict(), {"central-dp-mode": mode})
+    out = central_clipping_mod(_msg(clip=0.5), ctxt, _app(delta))
+    assert not out.has_error()
+    got = out.content.array_records["arrays"]["w"].numpy().astype(np.float64) - GLOBAL
+    assert np.linalg.norm(got) == pytest.approx(0.5, rel=1e-5)
+    assert ("norm_bit" in out.content.metric_records["metrics"]) is bit
+
+
+@pytest.mark.parametrize("mode", ["", "server-fixed", "client-adaptive"])
+def test_deployed_mod_passes_through_runs_without_client_side_clipping(mode: str) -> None:
+    delta = np.full(12, 5.0, dtype=np.float32)
+    ctxt = Context(1, 7, {}, RecordDict(), {"central-dp-mode": mode})
+    for msg in (_msg(clip=None), _msg(kind="evaluate"), _msg(kind="query.moments")):
+        out = central_clipping_mod(msg, ctxt, _app(delta))
+        assert not out.has_error()
+        got = out.content.array_records["arrays"]["w"].numpy() - GLOBAL
+        np.testing.assert_allclose(got, delta, rtol=1e-6)  # untouched
+        assert "norm_bit" not in out.content.metric_records["metrics"]
+    refusal = central_clipping_mod(_msg(), ctxt, _app(None))
+    assert not refusal.has_error() and not refusal.content.array_records

@@ -7,10 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcrm import constants as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.accounting import AccountingEvent, compute_epsilon, recompute_check
 from fedcrm.privacy.branch_accounting import (
     CENTRAL_SAMPLE_RATE,
+    RUN_CONFIG_PREFIX,
+    RUN_KEYS,
+    TOML_KEYS,
     BranchLevelAccountant,
     CentralDPConfig,
     CentralDPMode,
@@ -145,3 +149,126 @@ def test_bad_config_is_a_clear_config_error(table: dict[str, object], match: str
 def test_accountant_rejects_bad_delta() -> None:
     with pytest.raises(Exception, match="0 < delta < 1"):
         BranchLevelAccountant(accountant="rdp", delta=0.0)
+
+
+# -- run config (the deployed ServerApp) ---------------------------------------------------------
+
+GOOD_RUN = {"central-dp-mode": "client-adaptive", "central-dp-noise-multiplier": 1.5}
+
+
+def test_run_config_keys_are_the_toml_keys_prefixed() -> None:
+    assert {key.removeprefix(RUN_CONFIG_PREFIX) for key in RUN_KEYS} == set(TOML_KEYS)
+    assert k.KEY_CENTRAL_DP_MODE in RUN_KEYS
+
+
+@pytest.mark.parametrize(
+    "run_config",
+    [
+        {},
+        {"central-dp-mode": ""},
+        {"central-dp-mode": "none", "central-dp-clipping-norm": 0.5},
+        {"central-dp-mode": "", "central-dp-target-epsilon": 0.0, "aggregation-mode": "he"},
+    ],
+    ids=["absent", "empty", "none", "zero-target-he"],
+)
+def test_run_config_without_mode_is_off(run_config: dict[str, object]) -> None:
+    assert CentralDPConfig.from_run_config(run_config) is None
+
+
+def test_run_config_builds_the_same_settings_as_the_table() -> None:
+    run = {
+        "central-dp-mode": "server-adaptive",
+        "central-dp-target-epsilon": 8,  # an int from --run-config
+        "central-dp-delta": 1e-6,
+        "central-dp-clipping-norm": 0.5,
+        "central-dp-target-quantile": 0.7,
+        "central-dp-clip-norm-lr": 0.1,
+        "central-dp-clipped-count-stddev": 0.0,  # 0: not set (2 x the multiplier)
+        "central-dp-accountant": "prv",
+        "central-dp-max-epsilon": 10.0,
+        "central-dp-model": "churn-v2",
+        "central-dp-purpose": "retention",
+        "aggregation-mode": "plain",
+        "strategy": "fedprox",
+        "num-rounds": 3,  # other keys are not central DP's
+    }
+    cfg = CentralDPConfig.from_run_config(run)
+    table = {
+        key.removeprefix(RUN_CONFIG_PREFIX): value
+        for key, value in run.items()
+        if key.startswith(RUN_CONFIG_PREFIX) and key != "central-dp-clipped-count-stddev"
+    }
+    assert cfg == parse_central_dp(table)
+    assert cfg is not None and isinstance(cfg.target_epsilon, float)
+    assert cfg.clipped_count_stddev is None and cfg.max_epsilon == 10.0
+    fixed = CentralDPConfig.from_run_config(GOOD_RUN)
+    assert fixed == CentralDPConfig(mode=CentralDPMode.CLIENT_ADAPTIVE, noise_multiplier=1.5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"central-dp-mode": "server-sideways"}, "mode must be one of"),
+        ({"central-dp-mode": 1}, "mode must be one of"),
+        ({"central-dp-noise-multiplier": 0.0}, "exactly one"),
+        ({"central-dp-target-epsilon": 3.0}, "exactly one"),
+        ({"central-dp-noise-multiplier": -1.0}, "noise-multiplier must be a finite"),
+        ({"central-dp-noise-multiplier": "1.5"}, "noise-multiplier must be a finite"),
+        ({"central-dp-delta": 0.0}, "0 < delta < 1"),
+        ({"central-dp-delta": 1.0}, "0 < delta < 1"),
+        ({"central-dp-clipping-norm": 0.0}, "clipping-norm must be"),
+        ({"central-dp-clipping-norm": True}, "clipping-norm must be"),
+        ({"central-dp-target-quantile": 1.0}, "target-quantile"),
+        ({"central-dp-clip-norm-lr": -0.2}, "clip-norm-lr"),
+        ({"central-dp-clipped-count-stddev": 1.0}, "must exceed"),
+        ({"central-dp-clipped-count-stddev": -3.0}, "clipped-count-stddev must be"),
+        ({"central-dp-accountant": "gdp"}, "accountant must be one of"),
+        ({"central-dp-max-epsilon": -1.0}, "max-epsilon must be"),
+        ({"central-dp-model": ""}, "model must be a non-empty string"),
+        ({"central-dp-purpose": 7}, "purpose must be a non-empty string"),
+        ({"central-dp-epsilon": 3.0}, "unknown run-config key"),
+        ({"aggregation-mode": "he"}, "central DP on HE ciphertexts"),
+        ({"aggregation-mode": "secagg"}, "central DP on SecAgg"),
+        ({"aggregation-mode": "mpc"}, "aggregation-mode must be one of"),
+        ({"strategy": "fedadam"}, "central DP with fedadam"),
+        ({"central-dp-min-honest-branches": 3}, "applies to mode 'distributed' only"),
+        ({"central-dp-mode": "distributed"}, "distributed DP without HE"),
+    ],
+    ids=lambda v: str(v)[:48] if isinstance(v, str) else None,
+)
+def test_bad_run_config_is_a_clear_config_error(extra: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        CentralDPConfig.from_run_config({**GOOD_RUN, **extra})
+
+
+def test_run_config_error_names_the_prefixed_keys() -> None:
+    with pytest.raises(ConfigError, match=r"central-dp-<key>"):
+        CentralDPConfig.from_run_config({**GOOD_RUN, "central-dp-delta": 2.0})
+    server = {"central-dp-mode": "server-fixed", "central-dp-target-epsilon": 8.0}
+    with pytest.raises(ConfigError, match="server-side fixed clipping on HE"):
+        CentralDPConfig.from_run_config({**server, "aggregation-mode": "he"})
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [{"central-dp-target-epsilon": 3.0}, {"central-dp-noise-multiplier": 1.0}],
+    ids=["target", "noise"],
+)
+def test_run_config_target_without_mode_is_refused(stray: dict[str, object]) -> None:
+    """A target without a mode would silently train without central DP."""
+    with pytest.raises(ConfigError, match="central-dp-mode is off"):
+        CentralDPConfig.from_run_config({"central-dp-mode": "", **stray})
+
+
+def test_run_config_distributed_mode_under_he() -> None:
+    run = {
+        "central-dp-mode": "distributed",
+        "central-dp-target-epsilon": 8.0,
+        "central-dp-min-honest-branches": 3,
+        "aggregation-mode": "he",
+    }
+    cfg = CentralDPConfig.from_run_config(run)
+    assert cfg is not None and cfg.mode is CentralDPMode.DISTRIBUTED
+    assert cfg.min_honest_branches == 3
+    unset = CentralDPConfig.from_run_config({**run, "central-dp-min-honest-branches": 0})
+    assert unset is not None and unset.min_honest_branches is None

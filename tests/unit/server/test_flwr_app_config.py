@@ -1,6 +1,8 @@
 import tomllib
 from pathlib import Path
 
+from fedcrm.privacy.branch_accounting import RUN_KEYS as CENTRAL_DP_KEYS
+from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
 from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_KEYS
 from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.server.aggregation import KEY_AGGREGATION_MODE, wrapper
@@ -17,7 +19,7 @@ def test_flower_app_config_matches_federation_defaults() -> None:
     defaults = FederationConfig().to_run_config()
     others = {"out-dir", KEY_AGGREGATION_MODE, "he-public-context", "he-checkpoint-dir"}
     others |= {RUN_CONFIG_PURPOSE, RUN_CONFIG_AUDIT_URL}
-    federation = set(declared) - others - set(SECAGG_KEYS) - set(DP_KEYS)
+    federation = set(declared) - others - set(SECAGG_KEYS) - set(DP_KEYS) - set(CENTRAL_DP_KEYS)
     assert federation == set(defaults), federation ^ set(defaults)
     assert FederationConfig.from_run_config(declared) == FederationConfig()
 
@@ -40,3 +42,14 @@ def test_flower_app_config_declares_secure_aggregation_defaults() -> None:
     declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     assert SecAggConfig.from_run_config(declared) == SecAggConfig()
     assert wrapper(declared, strategy="fedavg", round_timeout=5) is None  # plain by default
+
+
+def test_flower_app_config_declares_central_dp_keys_off_by_default() -> None:
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(CENTRAL_DP_KEYS) <= set(declared), set(CENTRAL_DP_KEYS) - set(declared)
+    assert CentralDPConfig.from_run_config(declared) is None  # no central DP unless asked for
+    # The declared values are the defaults: asking for a mode and a target changes only those.
+    chosen = {**declared, "central-dp-mode": "client-fixed", "central-dp-target-epsilon": 4.0}
+    assert CentralDPConfig.from_run_config(chosen) == CentralDPConfig(
+        mode=CentralDPMode.CLIENT_FIXED, target_epsilon=4.0
+    )
