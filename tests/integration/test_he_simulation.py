@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from fedcrm.client import branch
 from fedcrm.data.schema import get_schema
-from fedcrm.models.churn import TrainSettings, build_model
+from fedcrm.models.churn import build_model
 from fedcrm.privacy import keys
 from fedcrm.simulation.config import parse_experiment
-from fedcrm.simulation.runner import BranchInfo, pooled_splits, run_experiment
+from fedcrm.simulation.runner import run_experiment
 from fedcrm.strategies.he import Checkpoint, replay_global_model
+from support import plaintext_fedavg
 
 pytestmark = [
     pytest.mark.integration,
@@ -57,39 +56,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     return run_dir, cfg
 
 
-def _plaintext_fedavg(run_dir: Path, cfg: object) -> list[dict[str, np.ndarray]]:
-    """Global model after each round, FedAvg in plaintext, from the run's own branch exports."""
-    fed = cfg.federation  # type: ignore[attr-defined]
-    schema = get_schema(fed.schema)
-    infos = [
-        BranchInfo(**json.loads(p.read_text()))
-        for p in sorted((run_dir / "branches").glob("*/branch.json"))
-    ]
-    splits, scaler = pooled_splits(run_dir, schema, infos, fed.seed)
-    settings = TrainSettings(
-        epochs=fed.local_epochs,
-        batch_size=fed.batch_size,
-        lr=fed.lr,
-        weight_decay=fed.weight_decay,
-        optimizer=fed.optimizer,
-        momentum=fed.momentum,
-    )
-    state = build_model(schema.input_dim, seed=fed.seed, hidden=fed.hidden).state_dict()
-    models = []
-    for rnd in range(1, ROUNDS + 1):
-        outs = [branch.train(s, schema, scaler, state, settings, seed=rnd) for s in splits]
-        total = sum(o.num_examples for o in outs)
-        state = {
-            name: torch.from_numpy(
-                sum(o.state_dict[name].numpy().astype(np.float64) * o.num_examples for o in outs)
-                / total
-            ).float()
-            for name in state
-        }
-        models.append({n: t.numpy() for n, t in state.items()})
-    return models
-
-
 def _he_models(run_dir: Path, cfg: object) -> list[dict[str, np.ndarray]]:
     """Decrypt the server's ciphertext checkpoints with the key authority's secret key."""
     fed = cfg.federation  # type: ignore[attr-defined]
@@ -110,7 +76,7 @@ def _he_models(run_dir: Path, cfg: object) -> list[dict[str, np.ndarray]]:
 
 def test_he_run_matches_plaintext_fedavg(run: tuple[Path, object]) -> None:
     run_dir, cfg = run
-    expected = _plaintext_fedavg(run_dir, cfg)
+    expected = plaintext_fedavg(run_dir, cfg, ROUNDS)
     got = _he_models(run_dir, cfg)
     for rnd, (e, g) in enumerate(zip(expected, got, strict=True), start=1):
         for name in e:

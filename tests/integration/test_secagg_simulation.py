@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from fedcrm.client import branch
 from fedcrm.data.schema import get_schema
-from fedcrm.models.churn import TrainSettings, build_model
+from fedcrm.models.churn import build_model
 from fedcrm.simulation.config import ExperimentConfig, parse_experiment
-from fedcrm.simulation.runner import BranchInfo, pooled_splits, run_experiment
+from fedcrm.simulation.runner import run_experiment
+from support import plaintext_fedavg
 
 pytestmark = [
     pytest.mark.integration,
@@ -49,38 +48,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExperimentConfi
     return run_experiment(cfg, runs_root=tmp_path_factory.mktemp("runs")), cfg
 
 
-def _plaintext_fedavg(run_dir: Path, cfg: ExperimentConfig) -> list[dict[str, np.ndarray]]:
-    fed = cfg.federation
-    schema = get_schema(fed.schema)
-    infos = [
-        BranchInfo(**json.loads(p.read_text()))
-        for p in sorted((run_dir / "branches").glob("*/branch.json"))
-    ]
-    splits, scaler = pooled_splits(run_dir, schema, infos, fed.seed)
-    settings = TrainSettings(
-        epochs=fed.local_epochs, batch_size=fed.batch_size, lr=fed.lr, momentum=fed.momentum
-    )
-    state = build_model(schema.input_dim, seed=fed.seed, hidden=fed.hidden).state_dict()
-    models = []
-    for rnd in range(1, ROUNDS + 1):
-        outs = [branch.train(s, schema, scaler, state, settings, seed=rnd) for s in splits]
-        total = sum(o.num_examples for o in outs)
-        state = {
-            name: torch.from_numpy(
-                sum(o.state_dict[name].numpy().astype(np.float64) * o.num_examples for o in outs)
-                / total
-            ).float()
-            for name in state
-        }
-        models.append({n: t.numpy() for n, t in state.items()})
-    return models
-
-
 def test_secagg_run_matches_plaintext_fedavg(run: tuple[Path, ExperimentConfig]) -> None:
     run_dir, cfg = run
     summary = json.loads((run_dir / "summary.json").read_text())
     best = summary["federated"]["best_round"]
-    expected = _plaintext_fedavg(run_dir, cfg)[best - 1]
+    expected = plaintext_fedavg(run_dir, cfg, ROUNDS)[best - 1]
     final = load_file(str(run_dir / "model.safetensors"))
     for name, value in expected.items():
         np.testing.assert_allclose(final[name].numpy(), value, atol=1e-4, err_msg=name)

@@ -144,6 +144,68 @@ class CentralDPSummary:
         }
 
 
+def ledger_history(ledger: PrivacyLedger | None, config: CentralDPConfig) -> list[float]:
+    """Noise multipliers of the branch-level rounds already released for (model, purpose).
+
+    Raises:
+        ConfigError: The history was accounted with another accountant or δ.
+    """
+    if ledger is None:
+        return []
+    out: list[float] = []
+    for entry in ledger.entries(branch=LEDGER_SCOPE, model=config.model, purpose=config.purpose):
+        if entry.decision != Decision.ADMITTED or entry.privacy_unit != PrivacyUnit.BRANCH:
+            continue
+        if entry.accountant != Accountant(config.accountant) or not math.isclose(
+            entry.delta, config.delta, rel_tol=1e-12
+        ):
+            raise ConfigError(
+                f"the ledger's branch-level history for ({config.model}, {config.purpose}) was "
+                f"accounted with {entry.accountant} at delta {entry.delta:g}; keep accountant "
+                f"{entry.accountant} and delta {entry.delta:g} (or use another ledger)"
+            )
+        out.extend([entry.noise_multiplier] * entry.steps)
+    return out
+
+
+def branch_ledger_entry(
+    config: CentralDPConfig,
+    *,
+    run_id: str,
+    server_round: int,
+    noise_multiplier: float,
+    clipping_norm: float,
+    epsilon: float,
+    cumulative: float,
+    decision: Decision,
+    reason: str | None = None,
+) -> LedgerEntry:
+    """One round of branch-level DP as a ledger row (Gaussian, add/remove one branch, q = 1)."""
+    return LedgerEntry(
+        run_id=run_id,
+        round=server_round,
+        branch=LEDGER_SCOPE,
+        model=config.model,
+        purpose=config.purpose,
+        privacy_unit=PrivacyUnit.BRANCH,
+        neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
+        mechanism=Mechanism.GAUSSIAN,
+        noise_multiplier=noise_multiplier,
+        clipping_norm=clipping_norm,
+        sampling_rate=CENTRAL_SAMPLE_RATE,
+        sampling_method=SamplingMethod.NONE,
+        steps=1,
+        delta=config.delta,
+        accountant=Accountant(config.accountant),
+        library_version=f"opacus {dp_sgd.OPACUS_VERSION}",
+        epsilon=epsilon,
+        cumulative_epsilon=cumulative,
+        decision=decision,
+        reason=reason,
+        epsilon_budget=config.budget,
+    )
+
+
 def _flower_wrapper(
     inner: Strategy, cfg: CentralDPConfig, plan: BranchNoisePlan
 ) -> FlowerDPWrapper:
@@ -247,7 +309,7 @@ class CentralDPStrategy(Strategy):
         self.dp = _flower_wrapper(inner, config, self.plan)
         self.ledger = ledger
         self.run_id = run_id
-        history = self._ledger_history()
+        history = ledger_history(ledger, config)
         self.accountant = BranchLevelAccountant(
             accountant=config.accountant, delta=config.delta, history=history
         )
@@ -268,29 +330,6 @@ class CentralDPStrategy(Strategy):
                 self.accountant.epsilon(),
             )
 
-    # -- ledger -----------------------------------------------------------------------------
-
-    def _ledger_history(self) -> list[float]:
-        if self.ledger is None:
-            return []
-        out: list[float] = []
-        for entry in self.ledger.entries(
-            branch=LEDGER_SCOPE, model=self.config.model, purpose=self.config.purpose
-        ):
-            if entry.decision != Decision.ADMITTED or entry.privacy_unit != PrivacyUnit.BRANCH:
-                continue
-            if entry.accountant != Accountant(self.config.accountant) or not math.isclose(
-                entry.delta, self.config.delta, rel_tol=1e-12
-            ):
-                raise ConfigError(
-                    f"the ledger's branch-level history for ({self.config.model}, "
-                    f"{self.config.purpose}) was accounted with {entry.accountant} at delta "
-                    f"{entry.delta:g}; keep accountant {entry.accountant} and delta "
-                    f"{entry.delta:g} (or use another ledger)"
-                )
-            out.extend([entry.noise_multiplier] * entry.steps)
-        return out
-
     def _entry(
         self,
         server_round: int,
@@ -301,28 +340,16 @@ class CentralDPStrategy(Strategy):
         reason: str | None = None,
         clipping_norm: float | None = None,
     ) -> LedgerEntry:
-        return LedgerEntry(
+        return branch_ledger_entry(
+            self.config,
             run_id=self.run_id,
-            round=server_round,
-            branch=LEDGER_SCOPE,
-            model=self.config.model,
-            purpose=self.config.purpose,
-            privacy_unit=PrivacyUnit.BRANCH,
-            neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
-            mechanism=Mechanism.GAUSSIAN,
+            server_round=server_round,
             noise_multiplier=self.plan.effective_noise_multiplier,
             clipping_norm=self.clipping_norm if clipping_norm is None else clipping_norm,
-            sampling_rate=CENTRAL_SAMPLE_RATE,
-            sampling_method=SamplingMethod.NONE,
-            steps=1,
-            delta=self.config.delta,
-            accountant=Accountant(self.config.accountant),
-            library_version=f"opacus {dp_sgd.OPACUS_VERSION}",
             epsilon=epsilon,
-            cumulative_epsilon=cumulative,
+            cumulative=cumulative,
             decision=decision,
             reason=reason,
-            epsilon_budget=self.config.budget,
         )
 
     @property

@@ -23,7 +23,6 @@ ledger records a refusal, and the coordinator stops the run (the round has no us
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -31,20 +30,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedcrm.compliance import (
-    Accountant,
     Decision,
     LedgerEntry,
-    Mechanism,
-    NeighbouringRelation,
     PrivacyLedger,
-    PrivacyUnit,
-    SamplingMethod,
 )
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy import dp_sgd
 from fedcrm.privacy.branch_accounting import (
-    CENTRAL_SAMPLE_RATE,
-    LEDGER_SCOPE,
     BranchLevelAccountant,
     CentralDPConfig,
     CentralDPMode,
@@ -55,36 +46,14 @@ from fedcrm.strategies.central_dp import (
     CentralBudgetExhausted,
     CentralDPSummary,
     CentralRound,
+    branch_ledger_entry,
+    ledger_history,
 )
 from fedcrm.strategies.he import HE_RECORD, HEAggregation
 
-__all__ = ["DistributedDPStrategy", "ledger_history"]
+__all__ = ["DistributedDPStrategy"]
 
 logger = logging.getLogger(__name__)
-
-
-def ledger_history(ledger: PrivacyLedger | None, config: CentralDPConfig) -> list[float]:
-    """Noise multipliers of the branch-level rounds already released for (model, purpose).
-
-    Raises:
-        ConfigError: The history was accounted with another accountant or δ.
-    """
-    if ledger is None:
-        return []
-    out: list[float] = []
-    for entry in ledger.entries(branch=LEDGER_SCOPE, model=config.model, purpose=config.purpose):
-        if entry.decision != Decision.ADMITTED or entry.privacy_unit != PrivacyUnit.BRANCH:
-            continue
-        if entry.accountant != Accountant(config.accountant) or not math.isclose(
-            entry.delta, config.delta, rel_tol=1e-12
-        ):
-            raise ConfigError(
-                f"the ledger's branch-level history for ({config.model}, {config.purpose}) was "
-                f"accounted with {entry.accountant} at delta {entry.delta:g}; keep accountant "
-                f"{entry.accountant} and delta {entry.delta:g} (or use another ledger)"
-            )
-        out.extend([entry.noise_multiplier] * entry.steps)
-    return out
 
 
 class DistributedDPStrategy(Strategy):
@@ -155,28 +124,16 @@ class DistributedDPStrategy(Strategy):
         decision: Decision,
         reason: str | None = None,
     ) -> LedgerEntry:
-        return LedgerEntry(
+        return branch_ledger_entry(
+            self.config,
             run_id=self.run_id,
-            round=server_round,
-            branch=LEDGER_SCOPE,
-            model=self.config.model,
-            purpose=self.config.purpose,
-            privacy_unit=PrivacyUnit.BRANCH,
-            neighbouring_relation=NeighbouringRelation.ADD_REMOVE,
-            mechanism=Mechanism.GAUSSIAN,
+            server_round=server_round,
             noise_multiplier=self.noise.noise_multiplier,
             clipping_norm=self.noise.clipping_norm,
-            sampling_rate=CENTRAL_SAMPLE_RATE,
-            sampling_method=SamplingMethod.NONE,
-            steps=1,
-            delta=self.config.delta,
-            accountant=Accountant(self.config.accountant),
-            library_version=f"opacus {dp_sgd.OPACUS_VERSION}",
             epsilon=epsilon,
-            cumulative_epsilon=cumulative,
+            cumulative=cumulative,
             decision=decision,
             reason=reason,
-            epsilon_budget=self.config.budget,
         )
 
     def _round_epsilon(self) -> float:
