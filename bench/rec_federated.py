@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from fedcrm.client.rec_app import make_rec_client_app
-from fedcrm.models.rec_training import MFSettings, RankingMetrics, evaluate_scores, model_scorer
+from fedcrm.models.rec_training import MFSettings, RankingMetrics, evaluate_branch, evaluate_scores
 from fedcrm.server.rec_federation import RecFederationConfig, RecRoundRecord, run_rec_federation
 from fedcrm.simulation.rec_baselines import (
+    HISTORY_MF,
     item_knn_scorer,
     popularity_scorer,
     train_centralised_mf,
@@ -55,6 +56,7 @@ from fedcrm.simulation.rec_runner import (
     RecBranches,
     in_process_identity,
     load_rec_data,
+    model_label,
     prepare_split,
 )
 
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--weight-decay", type=float, default=0.003)
     parser.add_argument("--recency-halflife", type=float, default=20.0)
+    parser.add_argument("--history-length", type=int, default=0, help="0: plain MF")
     parser.add_argument("--train-on-validation", action="store_true")
     parser.add_argument("--mf-epochs", type=int, default=15, help="centralised MF epochs (max)")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,6 +102,7 @@ def main() -> None:
         weight_decay=args.weight_decay,
         recency_halflife=args.recency_halflife,
         train_on_validation=args.train_on_validation,
+        history_length=args.history_length,
         seed=args.seed,
     )
     cfg = RecExperimentConfig(name="bench", dataset="movielens-100k", federation=fed)
@@ -113,7 +117,8 @@ def main() -> None:
     print(
         f"federated: {fed.num_rounds} rounds x {fed.local_epochs} local epoch(s), d={fed.factors},"
         f" lr {fed.lr}, {fed.negatives_per_positive} negatives, L2 {fed.weight_decay}, "
-        f"batch {fed.batch_size}, {fed.loss}, recency half-life {fed.recency_halflife}; "
+        f"batch {fed.batch_size}, {fed.loss}, recency half-life {fed.recency_halflife}, "
+        f"history {fed.history_length}; "
         f"{'final fit (validation items trained on)' if fed.train_on_validation else 'selection'}"
         "; in process (no Ray), 1 torch thread, "
         f"{platform.processor() or platform.machine()}"
@@ -136,9 +141,10 @@ def main() -> None:
         )
     rounds = result.rounds
     best = max(rounds, key=lambda r: r.val["hr10-sampled"])
-    results = {f"federated MF, last round ({fed.num_rounds})": _metrics(rounds[-1].test)}
+    label = f"federated {model_label(fed.history_length)}"
+    results = {f"{label}, last round ({fed.num_rounds})": _metrics(rounds[-1].test)}
     if not fed.train_on_validation:
-        results[f"federated MF, best val round ({best.round})"] = _metrics(best.test)
+        results[f"{label}, best val round ({best.round})"] = _metrics(best.test)
     if not args.no_centralised:
         mf = replace(
             MFSettings(),
@@ -153,20 +159,29 @@ def main() -> None:
             loss=fed.loss,
         )
         pooled = split.with_validation_in_train() if fed.train_on_validation else split
-        fit = train_centralised_mf(
-            pooled, mf, seed=fed.seed, negatives=None if fed.train_on_validation else negatives
-        )
         base = {
             "popularity": evaluate_scores(popularity_scorer(pooled.train), pooled, negatives),
             "item-knn (50)": evaluate_scores(
                 item_knn_scorer(pooled.train, neighbours=50), pooled, negatives
             ),
-            "mf": evaluate_scores(model_scorer(fit.model), pooled, negatives),
         }
+        settings = {"mf": mf}
+        if fed.history_length:
+            settings[HISTORY_MF] = replace(mf, history_length=fed.history_length)
+        for name, mf_settings in settings.items():
+            fit = train_centralised_mf(
+                pooled,
+                mf_settings,
+                seed=fed.seed,
+                negatives=None if fed.train_on_validation else negatives,
+            )
+            base[name] = evaluate_branch(fit.model, pooled, negatives)
+            if fit.val_history:
+                history = " ".join(f"{e}:{hr:.3f}" for e, hr in fit.val_history)
+                print(
+                    f"centralised {name} validation HR@10 by epoch {history}; kept {fit.best_epoch}"
+                )
         results.update({f"centralised {name}": m for name, m in base.items()})
-        if fit.val_history:
-            history = " ".join(f"{e}:{hr:.3f}" for e, hr in fit.val_history)
-            print(f"centralised MF validation HR@10 by epoch {history}; kept {fit.best_epoch}")
     print()
     print(comparison_table(results))
     seconds = [r.seconds for r in rounds]
@@ -178,13 +193,20 @@ def main() -> None:
     )
     print(
         f"bytes per branch per round: {np.mean(up):,.0f} up, {np.mean(down):,.0f} down "
-        f"(item factors {data.n_items}x{fed.factors} + biases, float32); user factors: 0"
+        f"(item factors {data.n_items}x{fed.factors} + biases"
+        + (
+            f", context factors {data.n_items}x{fed.factors} + {fed.history_length} weights"
+            if fed.history_length
+            else ""
+        )
+        + ", float32); user factors and histories: 0"
     )
     if not args.no_centralised:
         chosen = rounds[-1] if fed.train_on_validation else best
-        gap = _metrics(chosen.test).hr_sampled - base["mf"].hr_sampled
+        reference = HISTORY_MF if fed.history_length else "mf"
+        gap = _metrics(chosen.test).hr_sampled - base[reference].hr_sampled
         which = "last round" if fed.train_on_validation else "best val round"
-        print(f"federated ({which}) minus centralised MF, HR@10: {gap:+.4f}")
+        print(f"federated ({which}) minus centralised {reference}, HR@10: {gap:+.4f}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

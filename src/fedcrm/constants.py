@@ -97,6 +97,7 @@ KEY_REC_LOSS: Final = "loss"
 KEY_REC_TOP_K: Final = "top-k"
 KEY_REC_RECENCY_HALFLIFE: Final = "recency-halflife"
 KEY_REC_TRAIN_ON_VALIDATION: Final = "train-on-validation"
+KEY_REC_HISTORY: Final = "history-length"
 KEY_REC_DP_USERS_PER_STEP: Final = "rec-dp-users-per-step"  # customer-level DP: rows = customers
 KEY_REC_DP_CAP: Final = "rec-dp-max-interactions-per-user"
 REC_VAL_PREFIX: Final = "val-"

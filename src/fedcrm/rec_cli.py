@@ -57,8 +57,8 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
 
     The branch scores with its own user factors (``branches/<branch>/user_factors.npz``) and the
     run's final item arrays (``items.npz``), excluding every item the customer already
-    interacted with. A customer of the branch without history gets the branch's most popular
-    items instead.
+    interacted with; a history model also reads the customer's latest items on the branch. A
+    customer of the branch without history gets the branch's most popular items instead.
 
     Raises:
         ConfigError: ``n < 1`` or the run directory is incomplete.
@@ -67,9 +67,11 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
     import torch
 
     from fedcrm.client.rec_app import load_user_factors, user_factors_path
+    from fedcrm.data.interactions import latest_items
     from fedcrm.models.rec_training import top_n
     from fedcrm.models.recommender import (
         MatrixFactorisation,
+        context_length_of,
         load_local_state,
         load_shared_state,
     )
@@ -103,14 +105,14 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
             raise ConfigError(f"branch {found.name} has no user factors in {run_dir}")
         user_arrays = load_user_factors(factors_path)
         factors = int(item_arrays["items.embedding.weight"].shape[1])
-        model = MatrixFactorisation(len(users), data.n_items, factors)
+        history = context_length_of(item_arrays)
+        model = MatrixFactorisation(len(users), data.n_items, factors, context=history)
         load_shared_state(model, item_arrays)
         load_local_state(model, user_arrays)
+        index = torch.as_tensor([local[customer]], dtype=torch.long)
+        recent = torch.from_numpy(latest_items(log, history))[index] if history else None
         all_scores: NDArray[np.float64] = (
-            model.score_all(torch.as_tensor([local[customer]], dtype=torch.long))
-            .detach()
-            .numpy()[0]
-            .astype(np.float64)
+            model.score_all(index, recent).detach().numpy()[0].astype(np.float64)
         )
         best, scores = top_n(all_scores, exclude=seen, n=n)
         fallback = False
@@ -191,7 +193,10 @@ def rec_results_table(run_dir: Path) -> Table:
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     fed = summary["federated"]
     dp = summary.get("privacy")
-    name = "federated MF" + (f" (DP, ε ≤ {dp['epsilon_max']:.2f})" if dp else "")
+    from fedcrm.simulation.rec_runner import model_label
+
+    label = model_label(int(fed.get("history_length", 0)))
+    name = f"federated {label}" + (f" (DP, ε ≤ {dp['epsilon_max']:.2f})" if dp else "")
     table = Table(title=f"{summary['name']}: federated vs centralised, same split (test, k=10)")
     for col in ("method", "HR@10", "NDCG@10", "HR@10 full", "NDCG@10 full"):
         table.add_column(col, justify="left" if col == "method" else "right")

@@ -35,6 +35,7 @@ local-epochs = 5
 lr = 0.05
 factors = 16
 batch-size = 256
+history-length = 3
 
 [baselines]
 mf-epochs = 6
@@ -60,11 +61,16 @@ def test_run_directory_is_complete(run_dir: Path) -> None:
     for branch in ("zip-0", "zip-1", "zip-2"):
         assert (run_dir / "branches" / branch / k.REC_USER_FACTORS_FILE).is_file()
     with np.load(run_dir / k.REC_ITEMS_FILE, allow_pickle=False) as items:
-        assert sorted(items.files) == ["items.bias.weight", "items.embedding.weight"]
+        assert sorted(items.files) == [
+            "items.bias.weight",
+            "items.context.weight",
+            "items.embedding.weight",
+            "items.position.weight",
+        ]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     report = (run_dir / "report.md").read_text()
-    assert "ML-1M" in report and "centralised mf" in report
+    assert "ML-1M" in report and "centralised mf+history" in report
 
 
 def test_federated_hr_improves_or_beats_popularity(run_dir: Path) -> None:
@@ -72,9 +78,9 @@ def test_federated_hr_improves_or_beats_popularity(run_dir: Path) -> None:
     hr = [r["hr10"] for r in summary["rounds"]]
     popularity = summary["centralised"]["popularity"]["hr10_sampled"]
     assert hr[-1] > hr[0] or hr[-1] > popularity, (hr, popularity)
-    assert set(summary["centralised"]) == {"popularity", "item-knn", "mf"}
+    assert set(summary["centralised"]) == {"popularity", "item-knn", "mf", "mf+history"}
     per_branch = summary["federated"]["bytes_up_per_branch_per_round"]
-    assert per_branch == pytest.approx(150 * (16 + 1) * 4, rel=0.05)
+    assert per_branch == pytest.approx((150 * (2 * 16 + 1) + 3) * 4, rel=0.05)
 
 
 def _recommend(run_dir: Path, *args: str) -> tuple[int, str]:

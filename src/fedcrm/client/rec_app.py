@@ -14,7 +14,7 @@ Notes:
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
@@ -32,6 +32,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from numpy.typing import NDArray
 
 from fedcrm import constants as k
@@ -76,6 +77,7 @@ class RecRoundSettings:
     top_k: int
     recency_halflife: float = 0.0
     train_on_validation: bool = False
+    history_length: int = 0
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "RecRoundSettings":
@@ -101,6 +103,9 @@ class RecRoundSettings:
         halflife = config.get(k.KEY_REC_RECENCY_HALFLIFE, 0.0)
         if isinstance(halflife, bool) or not isinstance(halflife, int | float):
             raise ConfigError(f"config key {k.KEY_REC_RECENCY_HALFLIFE!r} must be a number")
+        history = config.get(k.KEY_REC_HISTORY, 0)
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ConfigError(f"config key {k.KEY_REC_HISTORY!r} must be an integer >= 0")
         loss = get(k.KEY_REC_LOSS, str)
         if loss not in ("bce", "bpr"):
             raise ConfigError(f"config key {k.KEY_REC_LOSS!r} must be 'bce' or 'bpr', got {loss!r}")
@@ -117,6 +122,7 @@ class RecRoundSettings:
             top_k=get(k.KEY_REC_TOP_K, int),
             recency_halflife=float(halflife),
             train_on_validation=train_on_validation,
+            history_length=history,
         )
 
 
@@ -158,7 +164,11 @@ def _model(
     view: BranchView, settings: RecRoundSettings, msg: Message, context: Context
 ) -> MatrixFactorisation:
     model = MatrixFactorisation(
-        len(view.global_users), view.split.n_items, settings.factors, seed=settings.seed
+        len(view.global_users),
+        view.split.n_items,
+        settings.factors,
+        context=settings.history_length,
+        seed=settings.seed,
     )
     saved = context.state.array_records.get(k.STATE_REC_USER_FACTORS)
     if saved is not None:
@@ -169,7 +179,9 @@ def _model(
     return model
 
 
-def make_rec_client_app(branches: BranchLoader, branches_root: Path | None = None) -> ClientApp:
+def make_rec_client_app(
+    branches: BranchLoader, branches_root: Path | None = None, *, mods: Sequence[Mod] = ()
+) -> ClientApp:
     """Build the recommendation ClientApp.
 
     Args:
@@ -177,8 +189,11 @@ def make_rec_client_app(branches: BranchLoader, branches_root: Path | None = Non
         branches_root: The simulation's ``branches/`` folder: each branch writes its user
             factors to ``branches/<name>/user_factors.npz`` after training (``None``: only
             ``Context.state``).
+        mods: Flower mods around the handlers, outermost first: under HE
+            ``[fedcrm.client.he_mod.HEMod(key_dir)]``, which hands ``train`` the decrypted item
+            arrays and replaces the reply's arrays by the encrypted update.
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     def prepare(
         msg: Message, context: Context

@@ -121,7 +121,11 @@ def private_rec_round(
     """
     rng = np.random.default_rng(settings.seed)
     rows = user_rows(
-        train, cap=settings.cap, negatives_per_positive=settings.negatives_per_positive, rng=rng
+        train,
+        cap=settings.cap,
+        negatives_per_positive=settings.negatives_per_positive,
+        rng=rng,
+        history=model.context_length,
     )
     config, plan = plan_rec_branch(dp, customers=len(rows), settings=settings)
     path = accountant_path(privacy_dir, model=dp.model, purpose=dp.purpose)

@@ -11,6 +11,7 @@ random ranking. It never touches a real data set.
 """
 
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -123,6 +124,66 @@ class Interactions:
             n_users=len(users),
             n_items=self.n_items,
         )
+
+
+NO_ITEM: Final = -1
+"""Marks an empty slot of `preceding_items` / `latest_items` (fewer earlier events)."""
+
+
+def _time_order(log: Interactions) -> IntArray:
+    """Event order by user, then time; events in the same second keep the log's row order."""
+    order: IntArray = np.lexsort((np.arange(len(log)), log.timestamp, log.user))
+    return order
+
+
+def preceding_items(log: Interactions, length: int) -> IntArray:
+    """Return, for every event, the items of its user's ``length`` previous events.
+
+    Row ``j`` lists the items of the events of ``log.user[j]`` that came before event ``j``,
+    the most recent first, padded with `NO_ITEM`. Time order as in `latest_items`.
+
+    Returns:
+        ``(len(log), length)`` item indices, rows in the log's order.
+
+    Raises:
+        DataError: ``length`` is negative.
+    """
+    if length < 0:
+        raise DataError(f"length must be >= 0, got {length}")
+    order = _time_order(log)
+    users, items = log.user[order], log.item[order]
+    out = np.full((len(log), length), NO_ITEM, dtype=np.int64)
+    for back in range(1, min(length, len(log) - 1) + 1):
+        same = np.zeros(len(log), dtype=bool)
+        same[back:] = users[back:] == users[:-back]
+        column = np.full(len(log), NO_ITEM, dtype=np.int64)
+        column[back:] = items[:-back]
+        out[order, back - 1] = np.where(same, column, NO_ITEM)
+    return out
+
+
+def latest_items(log: Interactions, length: int) -> IntArray:
+    """Return every user's ``length`` latest items, the most recent first.
+
+    Events are ordered by timestamp; events in the same second keep the log's row order, the
+    rule of `fedcrm.data.movielens.leave_one_out`.
+
+    Returns:
+        ``(n_users, length)`` item indices, padded with `NO_ITEM`.
+
+    Raises:
+        DataError: ``length`` is negative.
+    """
+    if length < 0:
+        raise DataError(f"length must be >= 0, got {length}")
+    order = _time_order(log)
+    users, items = log.user[order], log.item[order]
+    counts = np.bincount(users, minlength=log.n_users)
+    back = np.repeat(np.cumsum(counts), counts) - 1 - np.arange(len(log))  # 0 = latest
+    out = np.full((log.n_users, length), NO_ITEM, dtype=np.int64)
+    keep = back < length
+    out[users[keep], back[keep]] = items[keep]
+    return out
 
 
 def _local_index(users: IntArray, n_users: int) -> IntArray:

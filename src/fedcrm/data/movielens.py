@@ -240,12 +240,15 @@ class LeaveOneOutSplit:
             distinct items), ascending.
         val_items: Validation item of each evaluated user (second latest interaction).
         test_items: Test item of each evaluated user (latest interaction).
+        validation_in_train: ``train`` also holds the validation items (the final fit, see
+            `with_validation_in_train`).
     """
 
     train: Interactions
     eval_users: IntArray
     val_items: IntArray
     test_items: IntArray
+    validation_in_train: bool = False
 
     @property
     def n_users(self) -> int:
@@ -286,6 +289,8 @@ class LeaveOneOutSplit:
         The validation events get a time after every training event, so they stay each user's
         latest training event. The validation metrics of such a split are no longer held out.
         """
+        if self.validation_in_train:
+            return self
         train = self.train
         later = int(train.timestamp.max()) + 1 if len(train) else 0
         merged = Interactions(
@@ -302,7 +307,22 @@ class LeaveOneOutSplit:
             eval_users=self.eval_users,
             val_items=self.val_items,
             test_items=self.test_items,
+            validation_in_train=True,
         )
+
+    def history(self, target: str) -> Interactions:
+        """Return the events known before ``target``.
+
+        The training events, and for the test target the validation events too (they happened
+        before it, whether trained on or not).
+
+        Raises:
+            DataError: ``target`` is neither ``"test"`` nor ``"val"``.
+        """
+        self.targets(target)
+        if target == "test":
+            return self.with_validation_in_train().train
+        return self.train
 
     def restrict_users(self, users: IntArray) -> "LeaveOneOutSplit":
         """Return the split of ``users`` only, renumbered ``0..len(users)-1`` in that order.
@@ -317,6 +337,7 @@ class LeaveOneOutSplit:
             eval_users=local[self.eval_users][kept][order],
             val_items=self.val_items[kept][order],
             test_items=self.test_items[kept][order],
+            validation_in_train=self.validation_in_train,
         )
 
 

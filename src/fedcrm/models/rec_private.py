@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcrm.data.interactions import Interactions
+from fedcrm.data.interactions import NO_ITEM, Interactions, preceding_items
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.rec_training import Loss, TrainMetrics, sample_training_negatives, train_branch
 from fedcrm.models.recommender import ItemTower, MatrixFactorisation
@@ -52,20 +52,31 @@ class UserRows:
         users: Local index of each row's customer.
         items: ``(rows, cap * (1 + k))`` item indices (padding slots hold item 0).
         targets: Same shape: 1 for a positive, 0 for a sampled negative, `PADDING` for padding.
+        recent: For a history model, ``(rows, cap * (1 + k), history)``: the items of the
+            customer's events before each slot's event (`NO_ITEM` in padding); else ``None``.
     """
 
     users: Tensor
     items: Tensor
     targets: Tensor
+    recent: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
 
 
 def user_rows(
-    log: Interactions, *, cap: int, negatives_per_positive: int, rng: np.random.Generator
+    log: Interactions,
+    *,
+    cap: int,
+    negatives_per_positive: int,
+    rng: np.random.Generator,
+    history: int = 0,
 ) -> UserRows:
     """Build one row per customer: their latest ``cap`` events, each with its sampled negatives.
+
+    With ``history > 0`` each slot also carries the items of the customer's ``history`` events
+    before its event (all of them the same customer's data, inside the same row).
 
     Raises:
         ConfigError: ``cap`` or ``negatives_per_positive`` is below 1.
@@ -80,7 +91,9 @@ def user_rows(
     starts = np.cumsum(counts) - counts
     position = np.arange(len(log)) - np.repeat(starts, counts)
     keep = order[position < cap]  # each customer's latest `cap` events
-    kept = log.select(np.isin(np.arange(len(log)), keep))
+    kept_mask = np.isin(np.arange(len(log)), keep)
+    kept = log.select(kept_mask)
+    context = preceding_items(log, history)[kept_mask]
     negatives = sample_training_negatives(kept, negatives_per_positive, rng)
     customers = np.flatnonzero(kept.counts_per_user() > 0)
     row_of = np.full(log.n_users, -1, dtype=np.int64)
@@ -88,6 +101,7 @@ def user_rows(
     width = cap * (1 + negatives_per_positive)
     items = np.zeros((len(customers), width), dtype=np.int64)
     targets = np.full((len(customers), width), PADDING, dtype=np.float32)
+    recent = np.full((len(customers), width, history), NO_ITEM, dtype=np.int64)
     slot = np.zeros(len(customers), dtype=np.int64)
     per_event = 1 + negatives_per_positive
     for event in range(len(kept)):
@@ -97,19 +111,22 @@ def user_rows(
         targets[row, start] = 1.0
         items[row, start + 1 : start + per_event] = negatives[event]
         targets[row, start + 1 : start + per_event] = 0.0
+        recent[row, start : start + per_event] = context[event]
         slot[row] = start + per_event
     return UserRows(
         users=torch.from_numpy(customers.astype(np.int64)),
         items=torch.from_numpy(items),
         targets=torch.from_numpy(targets),
+        recent=torch.from_numpy(recent) if history else None,
     )
 
 
 class ItemScorer(nn.Module):
     """Logits of a user row's items from the user's (fixed) factors and the shared item tower.
 
-    The input packs each row as ``[user factors (d), item indices (L)]`` in one float tensor,
-    so that Opacus sees one example per customer; only ``items`` holds parameters.
+    The input packs each row as ``[user factors (d), item indices (W), history (W * h)]`` in
+    one float tensor (the history part only for a history model), so that Opacus sees one
+    example per customer; only ``items`` holds parameters.
     """
 
     def __init__(self, items: ItemTower, factors: int) -> None:
@@ -118,11 +135,16 @@ class ItemScorer(nn.Module):
         self.factors = factors
 
     def forward(self, features: Tensor) -> Tensor:
-        """Return ``(batch, L)`` logits."""
+        """Return ``(batch, W)`` logits."""
+        history = self.items.context_length
         p = features[:, : self.factors]
-        index = features[:, self.factors :].round().long()
-        q, b = self.items(index)
-        out: Tensor = (p[:, None, :] * q).sum(dim=-1) + b
+        packed = features[:, self.factors :].round().long()
+        width = packed.shape[1] // (1 + history)
+        q, b = self.items(packed[:, :width])
+        users = p[:, None, :]
+        if history:
+            users = users + self.items.history(packed[:, width:].reshape(-1, width, history))
+        out: Tensor = (users * q).sum(dim=-1) + b
         return out
 
 
@@ -219,7 +241,10 @@ def train_items_private(
     """
     with torch.no_grad():
         factors = model.users.embedding.weight[rows.users].detach().clone()
-    features = torch.cat([factors, rows.items.to(factors.dtype)], dim=1)
+    packed = [factors, rows.items.to(factors.dtype)]
+    if rows.recent is not None:
+        packed.append(rows.recent.reshape(len(rows), -1).to(factors.dtype))
+    features = torch.cat(packed, dim=1)
     loader = DataLoader(TensorDataset(features, rows.targets), batch_size=batch_size)
     scorer = ItemScorer(model.items, model.factors)
     optimiser = torch.optim.SGD(scorer.parameters(), lr=lr)

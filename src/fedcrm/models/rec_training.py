@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from fedcrm.data.interactions import IntArray, Interactions
+from fedcrm.data.interactions import IntArray, Interactions, latest_items, preceding_items
 from fedcrm.data.movielens import LeaveOneOutSplit, SampledNegatives
 from fedcrm.exceptions import ConfigError, DataError
 from fedcrm.models.recommender import MatrixFactorisation
@@ -266,13 +266,28 @@ def evaluate_scores(
     return total
 
 
-def model_scorer(model: MatrixFactorisation) -> ScoreFn:
-    """Wrap a model as a `ScoreFn` (evaluation mode, no gradients)."""
+def model_scorer(model: MatrixFactorisation, history: Interactions | None = None) -> ScoreFn:
+    """Wrap a model as a `ScoreFn` (evaluation mode, no gradients).
+
+    Args:
+        model: The model.
+        history: The events known at scoring time, whose latest items form each user's history
+            context (required exactly when the model has one).
+
+    Raises:
+        ConfigError: ``history`` is missing for a context model or given to plain MF.
+    """
+    if (history is None) != (model.context_length == 0):
+        raise ConfigError("pass the users' history exactly when the model has a history context")
+    recent = (
+        None if history is None else torch.from_numpy(latest_items(history, model.context_length))
+    )
 
     def score(users: IntArray) -> NDArray[np.float32]:
         model.eval()
+        index = torch.as_tensor(users, dtype=torch.long)
         with torch.no_grad():
-            out = model.score_all(torch.as_tensor(users, dtype=torch.long))
+            out = model.score_all(index, None if recent is None else recent[index])
         return out.numpy()
 
     return score
@@ -302,7 +317,8 @@ def evaluate_branch(
         ConfigError: The model's sizes do not match the split.
     """
     _check_sizes(model, split.train)
-    return evaluate_scores(model_scorer(model), split, negatives, target=target, k=k)
+    history = split.history(target) if model.context_length else None
+    return evaluate_scores(model_scorer(model, history), split, negatives, target=target, k=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +424,7 @@ class MFSettings:
             chunk and the best one kept (early stopping). Adam restarts at each chunk, as it
             does at each federated round.
         recency_halflife: Time weighting of each user's events (see `recency_weights`).
+        history_length: History context of the model (0: plain MF).
     """
 
     factors: int = 64
@@ -419,15 +436,17 @@ class MFSettings:
     loss: Loss = "bce"
     eval_every: int = 3
     recency_halflife: float = 0.0
+    history_length: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.recency_halflife) and self.recency_halflife >= 0):
             raise ConfigError(
                 f"recency_halflife must be a finite number >= 0, got {self.recency_halflife}"
             )
-        if self.factors < 1 or self.eval_every < 1:
+        if self.factors < 1 or self.eval_every < 1 or self.history_length < 0:
             raise ConfigError(
-                f"factors and eval_every must be >= 1, got {self.factors}, {self.eval_every}"
+                "factors and eval_every must be >= 1 and history_length >= 0, got "
+                f"{self.factors}, {self.eval_every}, {self.history_length}"
             )
         _validate_training(
             epochs=self.epochs,
@@ -479,7 +498,9 @@ def train_branch(
     Every epoch draws fresh negatives: ``negatives_per_positive`` items per positive that the
     user has not interacted with (He et al. 2017). With ``loss="bce"`` each positive and each
     negative is a labelled example; with ``loss="bpr"`` each (positive, negative) pair is
-    ranked (Rendle et al. 2009). Adam optimises both towers.
+    ranked (Rendle et al. 2009). Adam optimises both towers. With a history context, each
+    event's user vector holds the items of its user's earlier events in ``interactions``
+    (`fedcrm.data.interactions.preceding_items`), so the model learns to predict the next item.
 
     Args:
         model: The model; its user part must cover the log's users.
@@ -519,6 +540,11 @@ def train_branch(
         return TrainMetrics(num_examples=0, epoch_losses=())
 
     weights = torch.from_numpy(recency_weights(interactions, recency_halflife)).float()
+    recent = (
+        torch.from_numpy(preceding_items(interactions, model.context_length))
+        if model.context_length
+        else None
+    )
     rng = np.random.default_rng(seed)
     shuffle = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -534,17 +560,21 @@ def train_branch(
             ex_items = torch.cat([items, negs.reshape(-1)])
             labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users) * k)])
             ex_weights = torch.cat([weights, torch.ones(len(users) * k)])
+            ex_recent = (
+                None if recent is None else torch.cat([recent, recent.repeat_interleave(k, 0)])
+            )
         else:
             ex_users = users.repeat_interleave(k)
             ex_items = items.repeat_interleave(k)
             labels = negs.reshape(-1)  # the paired negative item of each example
             ex_weights = weights.repeat_interleave(k)
+            ex_recent = None if recent is None else recent.repeat_interleave(k, 0)
         order = torch.randperm(len(ex_users), generator=shuffle)
         total, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             u, i = ex_users[idx], ex_items[idx]
-            p = model.users(u)
+            p = model.user_vectors(u, None if ex_recent is None else ex_recent[idx])
             q, b = model.items(i)
             logits = (p * q).sum(dim=-1) + b
             if loss == "bce":

@@ -8,6 +8,7 @@ from fedcrm.server.rec_federation import (
     RecDPConfig,
     RecFederationConfig,
     RecFederationResult,
+    RecHEConfig,
     RecRoundCallback,
     run_rec_federation,
 )
@@ -23,6 +24,7 @@ def make_rec_server_app(
     dp: RecDPConfig | None = None,
     ledger: PrivacyLedger | None = None,
     run_id: str = "rec",
+    he: RecHEConfig | None = None,
 ) -> ServerApp:
     """Build the recommendation ServerApp.
 
@@ -35,6 +37,8 @@ def make_rec_server_app(
         dp: Customer-level DP on every branch (``None``: none).
         ledger: Where every branch's privacy report is recorded (DP runs).
         run_id: The run's id in the ledger.
+        he: Encrypted aggregation of the item tower (``None``: plaintext FedAvg); the
+            branches' ClientApp must carry `fedcrm.client.he_mod.HEMod`.
     """
     app = ServerApp()
 
@@ -49,6 +53,7 @@ def make_rec_server_app(
             dp=dp,
             ledger=ledger,
             run_id=run_id,
+            he=he,
         )
         if results is not None:
             results.append(result)

@@ -10,6 +10,17 @@ users at once.
 
 Replies are checked before aggregation: a train reply whose ArrayRecord holds anything but the
 item keys (for example user factors) is dropped and logged, never averaged.
+
+Encrypted aggregation (``[aggregation] mode = "he"``, `RecHEConfig`): Flower's `FedAvg` is
+wrapped in `fedcrm.strategies.he.HEAggregation`, the same wrapper the churn task uses, and every
+branch runs `fedcrm.client.he_mod.HEMod`. A branch then sends
+``enc(n_k / 100 * (items_k - items_{t-1}))`` under CKKS and no ArrayRecord at all; the server
+checks each reply's ciphertext envelope, adds the ciphertexts with the public context and keeps
+the sum as a ciphertext checkpoint. It never holds a branch's plaintext item update, nor after
+round 0 the plaintext item tower: `RecFederationResult.items` is then empty, and whoever holds
+the secret key replays `RecFederationResult.checkpoints` from `RecFederationResult.initial`
+(`fedcrm.strategies.he.replay_global_model`). The item tower is handled as a generic mapping
+of named arrays (whatever `shared_state` returns), flattened in its order.
 """
 
 import logging
@@ -17,12 +28,13 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 from numpy.typing import NDArray
 
 from fedcrm import constants as k
@@ -31,12 +43,16 @@ from fedcrm.exceptions import ConfigError, FedCrmError, InconsistentReplies
 from fedcrm.models.rec_training import DEFAULT_K, RankingMetrics
 from fedcrm.models.recommender import MatrixFactorisation, shared_state
 from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy.he import HEContext
 from fedcrm.server.federation import screen_private_replies
 from fedcrm.simulation.rec_metrics import from_record, pool
+from fedcrm.strategies.he import HE_RECORD, Checkpoint, HEAggregation
 
 logger = logging.getLogger(__name__)
 
 Loss = Literal["bce", "bpr"]
+MAX_HISTORY: Final = 50
+"""Longest history context a recommendation run accepts (items per user vector)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,8 @@ class RecFederationConfig:
             items (`fedcrm.data.movielens.LeaveOneOutSplit.with_validation_in_train`). Choose
             the settings and ``num_rounds`` on a run without it first: validation metrics are
             no longer held out, and the model is the last round's.
+        history_length: Items of each user's latest earlier events in their user vector
+            (`fedcrm.models.recommender.MatrixFactorisation` ``context``; 0: plain MF).
     """
 
     num_rounds: int = 20
@@ -76,6 +94,7 @@ class RecFederationConfig:
     round_timeout: float = 600.0
     recency_halflife: float = 0.0
     train_on_validation: bool = False
+    history_length: int = 0
 
     def __post_init__(self) -> None:
         ints = {
@@ -99,6 +118,13 @@ class RecFederationConfig:
             raise ConfigError(
                 f"recency_halflife must be a finite number >= 0, got {self.recency_halflife}"
             )
+        if isinstance(self.history_length, bool) or not (
+            isinstance(self.history_length, int) and 0 <= self.history_length <= MAX_HISTORY
+        ):
+            raise ConfigError(
+                f"history_length must be an integer in [0, {MAX_HISTORY}], "
+                f"got {self.history_length!r}"
+            )
         if not isinstance(self.train_on_validation, bool):
             raise ConfigError("train_on_validation must be true or false")
         if not self.round_timeout > 0:
@@ -119,6 +145,7 @@ class RecFederationConfig:
                 k.KEY_REC_TOP_K: self.top_k,
                 k.KEY_REC_RECENCY_HALFLIFE: float(self.recency_halflife),
                 k.KEY_REC_TRAIN_ON_VALIDATION: self.train_on_validation,
+                k.KEY_REC_HISTORY: self.history_length,
             }
         )
 
@@ -180,6 +207,21 @@ class RecDPConfig:
         }
 
 
+@dataclass(frozen=True)
+class RecHEConfig:
+    """Encrypted aggregation of the item tower (``[aggregation] mode = "he"``).
+
+    Attributes:
+        public_context: The key authority's *public* CKKS context (``public.tenseal`` of
+            ``fedcrm keys init``); a context holding the secret key is refused.
+        checkpoint_dir: Where the server writes each round's ciphertext checkpoint
+            (``round-NNNN.fche`` and ``.count``); ``None``: kept in memory only.
+    """
+
+    public_context: HEContext
+    checkpoint_dir: Path | None = None
+
+
 @dataclass
 class RecRoundRecord:
     """One round: pooled ranking metrics, timing and traffic.
@@ -191,8 +233,11 @@ class RecRoundRecord:
         train_loss: Mean local training loss (weighted by interactions).
         test: Pooled test metrics (``hr10-sampled`` ... and ``users``).
         val: Pooled validation metrics.
-        bytes_up: Item-array bytes each branch sent (node id -> bytes).
-        bytes_down: Item-array bytes sent to each branch for training (node id -> bytes).
+        bytes_up: Item-tower bytes each branch sent (node id -> bytes): the plaintext item
+            arrays, or under HE the serialized ciphertext of its update.
+        bytes_down: Item-tower bytes sent to each branch for training (node id -> bytes):
+            the item arrays, or under HE the previous round's encrypted aggregate (the
+            evaluate message carries this round's aggregate again, in either mode).
         rejected: Why replies were dropped.
         epsilon: DP runs: each branch's cumulative ε after the round (branch name -> ε).
     """
@@ -214,22 +259,30 @@ class RecFederationResult:
     """The outcome of a federated recommendation run.
 
     Attributes:
-        items: The final aggregated item arrays (keys of `shared_state`).
+        items: The final aggregated item arrays (keys of `shared_state`). Empty under HE: the
+            server holds only ciphertexts; the key holder replays ``checkpoints``.
         num_branches: Branches that took part.
         rounds: One record per round.
+        aggregation: ``"plain"`` or ``"he"``.
+        initial: The round-0 item arrays every branch starts from (public: seeded).
+        checkpoints: HE runs: every round's encrypted delta sum and example count, in order
+            (`fedcrm.strategies.he.replay_global_model` turns them into ``items``).
     """
 
     items: dict[str, NDArray[np.float32]]
     num_branches: int
     rounds: list[RecRoundRecord] = field(default_factory=list)
+    aggregation: Literal["plain", "he"] = "plain"
+    initial: dict[str, NDArray[np.float32]] = field(default_factory=dict)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
 RecRoundCallback = Callable[[RecRoundRecord], None]
 
 
-def initial_items(n_items: int, factors: int, *, seed: int) -> ArrayRecord:
+def initial_items(n_items: int, factors: int, *, seed: int, history: int = 0) -> ArrayRecord:
     """Return the initial item arrays, identical to every branch's own initialisation."""
-    model = MatrixFactorisation(1, n_items, factors, seed=seed)
+    model = MatrixFactorisation(1, n_items, factors, context=history, seed=seed)
     return ArrayRecord(
         {key: Array(np.ascontiguousarray(a)) for key, a in shared_state(model).items()}
     )
@@ -312,6 +365,20 @@ def wait_for_branches(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
+def item_payload_bytes(content: RecordDict) -> int:
+    """Bytes of the item tower a message carries: its arrays and any HE ciphertext.
+
+    Plaintext messages: the ArrayRecords' ``count_bytes``. HE messages: the bytes fields of
+    the HE ConfigRecord (a branch's encrypted update, or the server's encrypted aggregate),
+    plus the plaintext initial model of round 1.
+    """
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    he = content.config_records.get(HE_RECORD)
+    if he is not None:
+        total += sum(len(value) for value in he.values() if isinstance(value, bytes))
+    return total
+
+
 def _arrays_numpy(arrays: ArrayRecord) -> dict[str, NDArray[np.float32]]:
     return {key: np.asarray(array.numpy(), dtype=np.float32) for key, array in arrays.items()}
 
@@ -331,6 +398,7 @@ def run_rec_federation(
     dp: RecDPConfig | None = None,
     ledger: PrivacyLedger | None = None,
     run_id: str = "rec",
+    he: RecHEConfig | None = None,
 ) -> RecFederationResult:
     """Run federated MF on the branches connected to ``grid``.
 
@@ -344,33 +412,56 @@ def run_rec_federation(
             report goes to ``ledger``; only admitted updates are averaged.
         ledger: The privacy ledger of a DP run.
         run_id: The run's id in the ledger.
+        he: Encrypted aggregation (``None``: plaintext FedAvg). The branches must run
+            `fedcrm.client.he_mod.HEMod` with the matching secret key; replies carrying any
+            plaintext array are refused.
 
     Returns:
-        The final item arrays and one record per round.
+        The final item arrays (plaintext runs; the ciphertext checkpoints under HE) and one
+        record per round.
 
     Raises:
         FedCrmError: No usable update arrived in a round.
+        ContextKindError: ``he`` holds a secret context.
     """
     nodes = wait_for_branches(grid, min_nodes, cfg.round_timeout)
-    arrays = initial_items(n_items, cfg.factors, seed=cfg.seed)
+    arrays = initial_items(n_items, cfg.factors, seed=cfg.seed, history=cfg.history_length)
     item_keys = frozenset(arrays.keys())
-    strategy = FedAvg(
+    fedavg = FedAvg(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=len(nodes),
         min_evaluate_nodes=len(nodes),
         min_available_nodes=len(nodes),
     )
-    result = RecFederationResult(items=_arrays_numpy(arrays), num_branches=len(nodes))
+    encrypted = (
+        None
+        if he is None
+        else HEAggregation(
+            fedavg, public_context=he.public_context, checkpoint_dir=he.checkpoint_dir
+        )
+    )
+    strategy: Strategy = fedavg if encrypted is None else encrypted
+    result = RecFederationResult(
+        items=_arrays_numpy(arrays) if encrypted is None else {},
+        num_branches=len(nodes),
+        aggregation="plain" if encrypted is None else "he",
+        initial=_arrays_numpy(arrays),
+    )
+
+    def check_reply(rnd: int, reply: Message) -> str | None:
+        if encrypted is None:
+            return check_item_reply(reply, item_keys)
+        reason = encrypted.check_reply(rnd, reply)  # the ciphertext envelope; no arrays at all
+        return None if reason is None else f"node {reply.metadata.src_node_id}: {reason}"
+
     train_config = cfg.to_config_record()
     if dp is not None:
         train_config.update(dp.config_values(cfg.num_rounds))
     for rnd in range(1, cfg.num_rounds + 1):
         start = time.perf_counter()
         out = list(strategy.configure_train(rnd, arrays, train_config, grid))
-        down = {
-            m.metadata.dst_node_id: m.content.array_records[k.ARRAYS].count_bytes() for m in out
-        }
+        down = {m.metadata.dst_node_id: item_payload_bytes(m.content) for m in out}
         replies = list(grid.send_and_receive(out, timeout=cfg.round_timeout))
         rejected: list[str] = []
         epsilon: dict[str, float] = {}
@@ -387,15 +478,13 @@ def run_rec_federation(
             )
         usable: list[Message] = []
         for reply in replies:
-            reason = check_item_reply(reply, item_keys)
+            reason = check_reply(rnd, reply)
             if reason is None:
                 usable.append(reply)
             else:
                 rejected.append(reason)
                 logger.warning("round %d: reply dropped: %s", rnd, reason)
-        up = {
-            r.metadata.src_node_id: r.content.array_records[k.ARRAYS].count_bytes() for r in usable
-        }
+        up = {r.metadata.src_node_id: item_payload_bytes(r.content) for r in usable}
         new_arrays, train_metrics = strategy.aggregate_train(rnd, usable)
         if new_arrays is None:
             raise FedCrmError(f"round {rnd}: no usable branch update; stopping the run")
@@ -433,5 +522,9 @@ def run_rec_federation(
         )
         if on_round is not None:
             on_round(record)
-    result.items = _arrays_numpy(arrays)
+    if encrypted is None:
+        result.items = _arrays_numpy(arrays)
+    else:  # the server holds ciphertext checkpoints only; the key holder replays them
+        result.items = {}
+        result.checkpoints = list(encrypted.checkpoints)
     return result

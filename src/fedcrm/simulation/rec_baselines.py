@@ -4,16 +4,18 @@
 * item-kNN: cosine similarity between item columns of the binary training matrix, a user's
   score for an item is the summed similarity to the items they interacted with (Sarwar et al.
   2001, "Item-based collaborative filtering", WWW; Deshpande & Karypis 2004);
-* centralised MF: the federation's own `MatrixFactorisation`, trained on pooled data with the
-  same `train_branch` loop (the upper reference the federated run is compared to; He et al.
-  2017, arXiv:1708.05031).
+* centralised MF: `MatrixFactorisation` without history, trained on pooled data with the
+  `train_branch` loop the branches use (He et al. 2017, arXiv:1708.05031);
+* centralised MF + history: when the federation's model has a history context, the same model
+  trained on pooled data (the like-for-like reference the federated run is compared to).
 
 All three are measured by `fedcrm.models.rec_training.evaluate_scores`, the code branches use.
 """
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,6 +36,9 @@ from fedcrm.models.rec_training import (
 from fedcrm.models.recommender import MatrixFactorisation
 
 logger = logging.getLogger(__name__)
+
+HISTORY_MF: Final = "mf+history"
+"""Name of the centralised history model among the baselines."""
 
 
 def _binary_matrix(log: Interactions) -> NDArray[np.float64]:
@@ -118,7 +123,13 @@ def train_centralised_mf(
             epochs and keep the last state).
         k: Cut-off of the validation HR.
     """
-    model = MatrixFactorisation(split.n_users, split.n_items, settings.factors, seed=seed)
+    model = MatrixFactorisation(
+        split.n_users,
+        split.n_items,
+        settings.factors,
+        context=settings.history_length,
+        seed=seed,
+    )
     best_state = copy.deepcopy(model.state_dict())
     best_epoch, best_hr = 0, -1.0
     history: list[tuple[int, float]] = []
@@ -169,7 +180,8 @@ def centralised_baselines(
         negatives: Its sampled negatives.
         seed: Seed of the MF initialisation and training.
         mf: MF hyper-parameters (`MFSettings` defaults when ``None``); the MF model is
-            early-stopped on the validation items.
+            early-stopped on the validation items. With ``history_length > 0`` both plain MF
+            and the history model are trained.
         knn_neighbours: Neighbourhood size of item-kNN (``None``: all items).
         k: Cut-off of HR and NDCG.
         select_on_validation: Early-stop MF on the validation items; ``False`` trains exactly
@@ -177,21 +189,22 @@ def centralised_baselines(
             validation items, see `LeaveOneOutSplit.with_validation_in_train`).
 
     Returns:
-        ``{"popularity": ..., "item-knn": ..., "mf": ...}``, each a `RankingMetrics`.
+        ``{"popularity": ..., "item-knn": ..., "mf": ...}`` (and `HISTORY_MF` for a history
+        model), each a `RankingMetrics`.
     """
+    settings = mf or MFSettings()
+    models = {"mf": replace(settings, history_length=0)}
+    if settings.history_length:
+        models[HISTORY_MF] = settings
     scorers: dict[str, ScoreFn] = {
         "popularity": popularity_scorer(split.train),
         "item-knn": item_knn_scorer(split.train, neighbours=knn_neighbours),
-        "mf": model_scorer(
-            train_centralised_mf(
-                split,
-                mf or MFSettings(),
-                seed=seed,
-                negatives=negatives if select_on_validation else None,
-                k=k,
-            ).model
-        ),
     }
+    for name, chosen in models.items():
+        model = train_centralised_mf(
+            split, chosen, seed=seed, negatives=negatives if select_on_validation else None, k=k
+        ).model
+        scorers[name] = model_scorer(model, split.history("test") if model.context_length else None)
     return {
         name: evaluate_scores(scorer, split, negatives, target="test", k=k)
         for name, scorer in scorers.items()

@@ -13,6 +13,12 @@ Example (``examples/movielens_zip.toml``)::
 ``dataset = "synthetic"`` generates group-structured interactions (`[synthetic]` table) for
 tests and demos; ``movielens-100k`` reads the installed ``recbole`` package files, with one
 branch per US ZIP zone.
+
+``[aggregation] mode = "he"`` (``examples/movielens_zip_he.toml``) sums CKKS-encrypted
+item-tower updates on the server (keys created in the run directory, as for churn); ``mode`` is
+the table's only key for recommendations (`parse_rec_aggregation` says why the others are
+refused). It combines with the customer-level ``[dp]`` table: each branch privatises its item
+update, then encrypts it.
 """
 
 import tomllib
@@ -23,6 +29,7 @@ from typing import Any, Final, Literal
 
 from fedcrm.exceptions import ConfigError
 from fedcrm.server.rec_federation import RecDPConfig, RecFederationConfig
+from fedcrm.strategies.guardrails import AggregationMode
 
 TASK: Final = "recommendation"
 RecDataset = Literal["movielens-100k", "synthetic"]
@@ -93,6 +100,8 @@ class RecExperimentConfig:
         baselines: Centralised baselines.
         dp: Customer-level DP-SGD on every branch's item-tower update (``[dp]``; ``None``:
             no DP).
+        aggregation: ``plain`` (FedAvg over plaintext item arrays) or ``he`` (the server adds
+            CKKS ciphertexts of the branches' item updates; `fedcrm.strategies.he`).
         seed: Seed of the data generation and the sampled negatives.
         negatives_dir: Where the fixed negatives file of a real data set lives (default
             ``~/.cache/fedcrm``; never inside the repository).
@@ -105,6 +114,7 @@ class RecExperimentConfig:
     synthetic: SyntheticRecConfig = field(default_factory=SyntheticRecConfig)
     baselines: RecBaselineConfig = field(default_factory=RecBaselineConfig)
     dp: RecDPConfig | None = None
+    aggregation: AggregationMode = AggregationMode.PLAIN
     seed: int = 0
     negatives_dir: Path | None = None
     cpus_per_branch: float = 1.0
@@ -116,6 +126,9 @@ class RecExperimentConfig:
             raise ConfigError(f"name must be one word without slashes: {self.name!r}")
         if not self.cpus_per_branch > 0:
             raise ConfigError(f"cpus-per-branch must be > 0, got {self.cpus_per_branch}")
+        if self.aggregation not in _REC_MODES:
+            raise ConfigError(_mode_refusal(str(self.aggregation)))
+        object.__setattr__(self, "aggregation", AggregationMode(self.aggregation))
 
 
 def _kebab(name: str) -> str:
@@ -135,6 +148,45 @@ def _table(cls: type[Any], raw: Any, section: str) -> Any:
         raise ConfigError(f"[{section}]: {exc}") from exc
 
 
+_REC_MODES: Final = (AggregationMode.PLAIN, AggregationMode.HE)
+
+
+def _mode_refusal(mode: str) -> str:
+    if mode == AggregationMode.SECAGG:
+        return (
+            "[aggregation] mode = 'secagg' is not supported for recommendations: Flower's "
+            "SecAgg+ runs only on the legacy workflow API, which the recommendation round loop "
+            "does not use. Instead: mode = 'he' (CKKS; the server only adds ciphertexts)"
+        )
+    return (
+        f"[aggregation] mode must be one of {[str(m) for m in _REC_MODES]} for "
+        f"recommendations, got {mode!r}"
+    )
+
+
+def parse_rec_aggregation(raw: Any) -> AggregationMode:
+    """The ``[aggregation]`` table of a recommendation experiment: ``mode`` only.
+
+    Raises:
+        ConfigError: Not a table, a key other than ``mode`` (robust aggregators and SecAgg+
+            settings are churn-only: see the message), or a mode other than plain / he.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError("[aggregation] must be a table")
+    other = sorted(set(raw) - {"mode"})
+    if other:
+        raise ConfigError(
+            f"[aggregation] of a recommendation experiment takes only 'mode', got {other}: "
+            "robust aggregators (Krum, median, trimmed mean) and SecAgg+ settings are not "
+            "available for recommendations (under HE the server could not apply them anyway: "
+            "it holds only ciphertexts)"
+        )
+    mode = raw.get("mode", "plain")
+    if not isinstance(mode, str) or mode not in [str(m) for m in _REC_MODES]:
+        raise ConfigError(_mode_refusal(str(mode)))
+    return AggregationMode(mode)
+
+
 def parse_rec_experiment(raw: Mapping[str, Any]) -> RecExperimentConfig:
     """Build a `RecExperimentConfig` from parsed TOML, rejecting unknown keys.
 
@@ -144,7 +196,7 @@ def parse_rec_experiment(raw: Mapping[str, Any]) -> RecExperimentConfig:
     if raw.get("task") != TASK:
         raise ConfigError(f'a recommendation experiment needs task = "{TASK}"')
     top = {"task", "name", "dataset", "seed", "negatives-dir", "cpus-per-branch"}
-    tables = {"federation", "synthetic", "baselines", "dp"}
+    tables = {"federation", "synthetic", "baselines", "dp", "aggregation"}
     unknown = sorted(set(raw) - top - tables)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; allowed: {sorted(top | tables)}")
@@ -159,6 +211,7 @@ def parse_rec_experiment(raw: Mapping[str, Any]) -> RecExperimentConfig:
         synthetic=_table(SyntheticRecConfig, raw.get("synthetic", {}), "synthetic"),
         baselines=_table(RecBaselineConfig, raw.get("baselines", {}), "baselines"),
         dp=_table(RecDPConfig, raw["dp"], "dp") if "dp" in raw else None,
+        aggregation=parse_rec_aggregation(raw.get("aggregation", {})),
         seed=int(raw.get("seed", 0)),
         negatives_dir=Path(negatives_dir) if negatives_dir else None,
         cpus_per_branch=float(raw.get("cpus-per-branch", 1.0)),
@@ -198,4 +251,6 @@ def rec_to_toml_dict(cfg: RecExperimentConfig) -> dict[str, Any]:
     out["baselines"] = _as_toml(cfg.baselines)
     if cfg.dp is not None:
         out["dp"] = {key: value for key, value in _as_toml(cfg.dp).items() if value is not None}
+    if cfg.aggregation is not AggregationMode.PLAIN:
+        out["aggregation"] = {"mode": str(cfg.aggregation)}
     return out

@@ -63,8 +63,10 @@ from fedcrm.server.rec_app import make_rec_server_app
 from fedcrm.server.rec_federation import RecDPConfig, RecFederationResult, RecRoundRecord
 from fedcrm.simulation.rec_baselines import centralised_baselines
 from fedcrm.simulation.rec_config import RecExperimentConfig, SyntheticRecConfig, rec_to_toml_dict
+from fedcrm.simulation.rec_he import replay_items, setup_rec_he
 from fedcrm.simulation.rec_metrics import PUBLISHED_ANCHORS, comparison_table
 from fedcrm.simulation.runner import _FlowerLogToFile, new_run_dir, ray_session_dir
+from fedcrm.strategies.guardrails import AggregationMode
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +262,11 @@ def simulate_rec(
     """Run the federation on Flower's simulation engine, one supernode per branch.
 
     A DP run records every branch's privacy report in ``ledger.db`` of the run directory.
+    An HE run (``[aggregation] mode = "he"``) creates its keys in ``keys/``, the server keeps
+    ciphertext checkpoints in ``checkpoints/`` and the item arrays are replayed from them with
+    the secret key at the end (`fedcrm.simulation.rec_he`).
     """
+    he = setup_rec_he(run_dir) if cfg.aggregation is AggregationMode.HE else None
     results: list[RecFederationResult] = []
     num = len(data.branches)
     ledger = (
@@ -277,8 +283,11 @@ def simulate_rec(
         dp=cfg.dp,
         ledger=ledger,
         run_id=run_dir.name,
+        he=None if he is None else he.server,
     )
-    client_app = make_rec_client_app(RecBranches(cfg), run_dir / "branches")
+    client_app = make_rec_client_app(
+        RecBranches(cfg), run_dir / "branches", mods=() if he is None else (he.mod,)
+    )
     with _FlowerLogToFile(run_dir / "flower.log"), ray_session_dir(run_dir) as ray_dir:
         run_simulation(
             server_app=server_app,
@@ -288,6 +297,8 @@ def simulate_rec(
         )
     if not results:
         raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
+    if he is not None:
+        results[0].items = replay_items(results[0], he.keys.secret_path)
     return results[0]
 
 
@@ -347,6 +358,11 @@ def privacy_summary(dp: RecDPConfig, result: RecFederationResult) -> dict[str, A
     }
 
 
+def model_label(history_length: int) -> str:
+    """Name the recommender in tables: ``MF``, or ``MF+history`` with a history context."""
+    return "MF+history" if history_length else "MF"
+
+
 def write_rec_report(run_dir: Path, summary: dict[str, Any], table: str) -> None:
     """Write ``report.md``: the comparison table and per-round pooled metrics."""
     fed = summary["federated"]
@@ -354,7 +370,13 @@ def write_rec_report(run_dir: Path, summary: dict[str, Any], table: str) -> None
         f"# {summary['name']}: federated recommendations ({summary['dataset']})",
         "",
         f"{len(summary['branches'])} branches, {fed['rounds']} rounds of FedAvg over the item "
-        "factors; user factors never left their branch.",
+        "factors; user factors never left their branch."
+        + (
+            " Encrypted aggregation (CKKS): the server added ciphertexts of the branches' item "
+            "updates and never saw one in plaintext; items.npz was decrypted with the run's key."
+            if summary.get("aggregation") == "he"
+            else ""
+        ),
         "Leave-one-out by time; HR@10 / NDCG@10 against 99 fixed sampled negatives and the full "
         "catalogue. Published anchors are on MovieLens-1M, a different and larger data set.",
         "",
@@ -418,7 +440,9 @@ def run_rec_experiment(
     best = max(result.rounds, key=lambda r: r.val["hr10-sampled"])
     results: dict[str, RankingMetrics] = {}
     last = result.rounds[-1]
-    results[f"federated MF ({fed.num_rounds} rounds)"] = _from_round(last.test)
+    results[f"federated {model_label(fed.history_length)} ({fed.num_rounds} rounds)"] = _from_round(
+        last.test
+    )
     centralised: dict[str, dict[str, float]] = {}
     if cfg.baselines.enabled:
         phase("centralised baselines on the same split")
@@ -431,6 +455,7 @@ def run_rec_experiment(
             batch_size=fed.batch_size,
             loss=fed.loss,
             recency_halflife=fed.recency_halflife,
+            history_length=fed.history_length,
         )
         # Same training data as the branches: with train-on-validation, the final fit of a
         # fixed number of epochs (chosen on validation beforehand, like the rounds).
@@ -463,6 +488,7 @@ def run_rec_experiment(
         "name": cfg.name,
         "task": "recommendation",
         "dataset": cfg.dataset,
+        "aggregation": str(cfg.aggregation),
         "run_dir": str(run_dir),
         "branches": branches,
         "split": {
@@ -489,6 +515,7 @@ def run_rec_experiment(
                 ),
             },
             "train_on_validation": fed.train_on_validation,
+            "history_length": fed.history_length,
         },
         "centralised": centralised,
         "rounds": rounds,

@@ -1,6 +1,7 @@
 """The recommendation ClientApp: user factors stay on the branch, only item arrays leave."""
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from fedcrm.client.rec_app import (
     make_rec_client_app,
     user_factors_path,
 )
+from fedcrm.data.interactions import latest_items
 from fedcrm.data.movielens import BranchView, branch_view, leave_one_out, sample_negatives
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.federated import PrivacyReport
@@ -86,6 +88,39 @@ def test_train_reply_holds_only_the_item_arrays(view: BranchView, tmp_path: Path
     np.testing.assert_array_equal(saved["users.embedding.weight"], users)
 
 
+def test_history_model_sends_its_shared_history_parameters_but_no_history(
+    view: BranchView,
+) -> None:
+    cfg = replace(CFG, history_length=3)
+    app = make_rec_client_app(lambda _ctx: view)
+    context = _context()
+    content = RecordDict(
+        {
+            k.ARRAYS: initial_items(view.split.n_items, cfg.factors, seed=cfg.seed, history=3),
+            k.CONFIG: cfg.to_config_record(),
+        }
+    )
+    reply = app(Message(content=content, dst_node_id=5, message_type="train"), context)
+
+    assert not reply.has_error(), reply.error
+    sent = reply.content.array_records[k.ARRAYS]
+    assert set(sent.keys()) == {
+        "items.embedding.weight",
+        "items.bias.weight",
+        "items.context.weight",
+        "items.position.weight",
+    }
+    assert sent["items.position.weight"].numpy().shape == (3, 1)
+    wire = message_to_proto(reply).SerializeToString()
+    users = context.state.array_records[k.STATE_REC_USER_FACTORS]["users.embedding.weight"]
+    for row in users.numpy():
+        assert row.tobytes() not in wire
+    # Each customer's latest items (their history vector's input) are not sent either.
+    recent = latest_items(view.split.train, 3)
+    for row in recent[(recent >= 0).all(axis=1)]:
+        assert row.tobytes() not in wire
+
+
 def test_user_factors_persist_across_rounds(view: BranchView) -> None:
     app = make_rec_client_app(lambda _ctx: view)
     context = _context()
@@ -110,8 +145,14 @@ def test_evaluate_reply_has_metric_sums_only(view: BranchView) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [(k.KEY_REC_LOSS, "mse"), (k.KEY_LR, "fast"), (k.KEY_REC_FACTORS, None)],
-    ids=["bad-loss", "string-lr", "missing-factors"],
+    [
+        (k.KEY_REC_LOSS, "mse"),
+        (k.KEY_LR, "fast"),
+        (k.KEY_REC_FACTORS, None),
+        (k.KEY_REC_HISTORY, "three"),
+        (k.KEY_REC_HISTORY, -1),
+    ],
+    ids=["bad-loss", "string-lr", "missing-factors", "string-history", "negative-history"],
 )
 def test_round_settings_reject_bad_config(key: str, value: object) -> None:
     config = CFG.to_config_record()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcrm.data.interactions import Interactions, synthetic_interactions
+from fedcrm.data.interactions import Interactions, latest_items, synthetic_interactions
 from fedcrm.data.movielens import (
     MIN_INTERACTIONS_FOR_EVAL,
     OTHER_ZONE,
@@ -289,3 +289,18 @@ def test_validation_items_join_training_as_each_users_latest_event(synthetic):
         mine = merged.train.user == user
         latest = merged.train.timestamp[mine].max()
         assert merged.train.item[mine][merged.train.timestamp[mine] == latest].tolist() == [val]
+
+
+def test_history_before_each_target(synthetic):
+    split = leave_one_out(synthetic)
+    merged = split.with_validation_in_train()
+    assert merged.validation_in_train and not split.validation_in_train
+    assert merged.with_validation_in_train() is merged  # the validation items join once
+    assert split.history("val") is split.train
+    # The test target's history ends with the validation item, trained on or not.
+    for s in (split, merged):
+        latest = latest_items(s.history("test"), 1)[s.eval_users, 0]
+        np.testing.assert_array_equal(latest, s.val_items)
+    assert merged.restrict_users(merged.eval_users[:5]).validation_in_train
+    with pytest.raises(DataError, match="target"):
+        split.history("train")

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from fedcrm.client.rec_dp_round import RecDPRound, private_rec_round
-from fedcrm.data.interactions import Interactions, synthetic_interactions
+from fedcrm.data.interactions import NO_ITEM, Interactions, synthetic_interactions
 from fedcrm.models.rec_private import (
     PADDING,
+    ItemScorer,
     MaskedBCEWithLogits,
     fit_user_factors,
     train_items_private,
@@ -140,3 +141,53 @@ def test_round_past_the_budget_is_refused_and_trains_nothing(tmp_path: Path) -> 
     assert second.report.epsilon == first.report.epsilon  # nothing spent
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, state[name])
+
+
+def test_history_rows_carry_each_events_earlier_items() -> None:
+    # Customer 0 in time order: items 5, 7, 6; the row keeps the latest two events (7 and 6).
+    log = Interactions.from_arrays(
+        np.array([0, 0, 0]), np.array([5, 6, 7]), np.array([1, 3, 2]), n_users=1, n_items=30
+    )
+    rows = user_rows(log, cap=2, negatives_per_positive=1, rng=np.random.default_rng(0), history=2)
+    assert rows.recent is not None and rows.recent.shape == (1, 4, 2)
+    by_positive = {
+        int(rows.items[0, s]): rows.recent[0, s].tolist()
+        for s in range(4)
+        if rows.targets[0, s] == 1
+    }
+    assert by_positive == {7: [5, NO_ITEM], 6: [7, 5]}  # item 5 is capped away but is history
+    # A negative shares its positive's history.
+    assert rows.recent[0, 1].tolist() == rows.recent[0, 0].tolist()
+
+
+def test_private_scorer_matches_the_history_model_and_trains_under_opacus() -> None:
+    log = synthetic_interactions(30, 140, seed=2)
+    model = MatrixFactorisation(30, 140, 8, context=3, seed=0)
+    rows = user_rows(log, cap=10, negatives_per_positive=2, rng=np.random.default_rng(1), history=3)
+    assert rows.recent is not None
+    with torch.no_grad():
+        factors = model.users.embedding.weight[rows.users]
+        features = torch.cat(
+            [factors, rows.items.float(), rows.recent.reshape(len(rows), -1).float()], dim=1
+        )
+        packed = ItemScorer(model.items, model.factors)(features)
+        expected = model(
+            rows.users.repeat_interleave(rows.items.shape[1]),
+            rows.items.reshape(-1),
+            rows.recent.reshape(-1, 3),
+        ).reshape(packed.shape)
+    torch.testing.assert_close(packed, expected)
+    context_before = model.items.context.weight.detach().clone()
+    _, event = train_items_private(
+        model,
+        rows,
+        lr=0.5,
+        batch_size=10,
+        epochs=1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        max_steps=3,
+        seed=0,
+    )
+    assert event is not None and event.steps == 3
+    assert not torch.equal(model.items.context.weight, context_before)

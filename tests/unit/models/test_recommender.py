@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from fedcrm.data.interactions import NO_ITEM
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.recommender import (
     LOCAL_PREFIX,
     SHARED_PREFIX,
     MatrixFactorisation,
+    context_length_of,
     load_local_state,
     load_shared_state,
     local_state,
@@ -145,3 +147,54 @@ def test_scores_match_the_factorisation():
 def test_invalid_sizes():
     with pytest.raises(ConfigError, match=">= 1"):
         MatrixFactorisation(0, N_ITEMS)
+
+
+def test_history_model_scores_by_hand():
+    model = MatrixFactorisation(3, N_ITEMS, FACTORS, context=2, seed=0)
+    with torch.no_grad():
+        model.items.position.weight.copy_(torch.tensor([[0.7], [0.2]]))
+        model.items.bias.weight.normal_()
+    recent = torch.tensor([[4, 9], [3, NO_ITEM]])
+    users = torch.tensor([0, 2])
+    with torch.no_grad():
+        scores = model.score_all(users, recent)
+        pairs = model(users, torch.tensor([5, 49]), recent)
+        p = model.users.embedding.weight
+        q = model.items.embedding.weight
+        y = model.items.context.weight
+        b = model.items.bias.weight[:, 0]
+    torch.testing.assert_close(scores[0, 5], (p[0] + 0.7 * y[4] + 0.2 * y[9]) @ q[5] + b[5])
+    torch.testing.assert_close(scores[1, 49], (p[2] + 0.7 * y[3]) @ q[49] + b[49])  # empty slot
+    torch.testing.assert_close(pairs, torch.stack([scores[0, 5], scores[1, 49]]))
+
+
+def test_history_parameters_are_shared_and_users_stay_local():
+    model = MatrixFactorisation(30, N_ITEMS, FACTORS, context=3, seed=0)
+    shared = shared_state(model)
+    assert set(shared) == {
+        "items.embedding.weight",
+        "items.bias.weight",
+        "items.context.weight",
+        "items.position.weight",
+    }
+    assert context_length_of(shared) == 3
+    assert context_length_of(shared_state(MatrixFactorisation(3, N_ITEMS, FACTORS))) == 0
+    # Same shared start on every branch, whatever its users.
+    other = shared_state(MatrixFactorisation(7, N_ITEMS, FACTORS, context=3, seed=0))
+    for key, array in shared.items():
+        np.testing.assert_array_equal(array, other[key])
+    assert set(local_state(model)) == {"users.embedding.weight"}
+
+
+def test_history_must_match_the_model():
+    plain = MatrixFactorisation(3, N_ITEMS, FACTORS)
+    with_history = MatrixFactorisation(3, N_ITEMS, FACTORS, context=2)
+    users = torch.tensor([0])
+    with pytest.raises(ConfigError, match="recent items"):
+        with_history.score_all(users)
+    with pytest.raises(ConfigError, match="recent items"):
+        plain.score_all(users, torch.tensor([[1, 2]]))
+    with pytest.raises(ConfigError, match="needs 2"):
+        with_history.score_all(users, torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ConfigError, match="context >= 0"):
+        MatrixFactorisation(3, N_ITEMS, FACTORS, context=-1)

@@ -9,6 +9,7 @@ from fedcrm.data.movielens import leave_one_out, sample_negatives
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.rec_training import MFSettings
 from fedcrm.simulation.rec_baselines import (
+    HISTORY_MF,
     centralised_baselines,
     item_knn_scorer,
     popularity_scorer,
@@ -72,10 +73,26 @@ def test_centralised_baselines_on_structured_data():
     assert results["mf"].hr_sampled > results["popularity"].hr_sampled
 
 
+def test_history_settings_add_the_history_model_beside_plain_mf():
+    log = synthetic_interactions(60, 150, seed=1, per_user=(8, 12))
+    split = leave_one_out(log)
+    mf = MFSettings(factors=8, epochs=2, lr=0.03, batch_size=1024, history_length=2)
+    results = centralised_baselines(split, sample_negatives(split, seed=0), seed=0, mf=mf)
+    assert list(results) == ["popularity", "item-knn", "mf", HISTORY_MF]
+    assert results["mf"].hr_sampled != results[HISTORY_MF].hr_sampled
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{"factors": 0}, {"eval_every": 0}, {"lr": -1.0}, {"loss": "hinge"}, {"weight_decay": -0.1}],
-    ids=["factors", "eval-every", "lr", "loss", "weight-decay"],
+    [
+        {"factors": 0},
+        {"eval_every": 0},
+        {"lr": -1.0},
+        {"loss": "hinge"},
+        {"weight_decay": -0.1},
+        {"history_length": -1},
+    ],
+    ids=["factors", "eval-every", "lr", "loss", "weight-decay", "history"],
 )
 def test_mf_settings_validate(kwargs):
     with pytest.raises(ConfigError):

@@ -48,6 +48,8 @@ def test_dp_example_states_its_unit_budget() -> None:
         ({**BASE, "dp": {"target-epsilon": 8.0, "users-per-step": 0}}, "users-per-step"),
         ({**BASE, "dp": {"target-epsilon": 8.0, "clip": 1.0}}, "unknown key"),
         ({**BASE, "federation": {"recency-halflife": -2.0}}, "recency_halflife"),
+        ({**BASE, "federation": {"history-length": 51}}, "history_length"),
+        ({**BASE, "federation": {"history-length": 2.5}}, "history_length"),
     ],
     ids=[
         "task",
@@ -62,6 +64,8 @@ def test_dp_example_states_its_unit_budget() -> None:
         "dp-users",
         "dp-key",
         "halflife",
+        "history-too-long",
+        "history-float",
     ],
 )
 def test_invalid_configs_are_rejected(raw: dict[str, object], match: str) -> None:
