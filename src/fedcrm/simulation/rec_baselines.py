@@ -9,7 +9,7 @@
 * centralised MF + history: when the federation's model has a history context, the same model
   trained on pooled data (the like-for-like reference the federated run is compared to).
 
-All three are measured by `fedcrm.models.rec_training.evaluate_scores`, the code branches use.
+All of them are measured by `fedcrm.models.rec_training.evaluate_scores`, the code branches use.
 """
 
 import copy
