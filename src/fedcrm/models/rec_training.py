@@ -510,8 +510,9 @@ def train_branch(
         negatives_per_positive: Sampled negatives per positive (>= 1).
         seed: Seed of negative sampling and shuffling.
         weight_decay: L2 penalty on the user vectors (history included), item factors and
-            biases used in each batch, averaged per example (Rendle et al. 2009). Unlike optimiser weight decay it never shrinks a row
-            that no batch uses, so rare items are not pulled to zero by every branch.
+            biases used in each batch, averaged per example (Rendle et al. 2009). Unlike
+            optimiser weight decay it never shrinks a row that no batch uses, so rare items are
+            not pulled to zero by every branch.
         batch_size: Examples per step.
         loss: ``"bce"`` or ``"bpr"``.
         recency_halflife: Weight each positive (and, with BPR, its pairs) by
