@@ -1,7 +1,7 @@
 """Federated MF on MovieLens 100K in plaintext and under CKKS HE: HR@10 and bytes per branch.
 
 Both runs use one experiment's settings (default ``examples/movielens_zip_he.toml``: the
-example's final fit, 8 rounds) and the recommendation round loop and ClientApp *in process*
+example's final fit) and the recommendation round loop and ClientApp *in process*
 (`InProcessGrid`, as ``bench/rec_federated.py``: no Ray, branches one after another on one torch
 thread). The HE run creates its keys in a temporary folder, wraps FedAvg in
 `fedcrm.strategies.he.HEAggregation` and every branch's ClientApp in `HEMod`, exactly as
