@@ -66,6 +66,10 @@ def _guarded(flower_mod: Mod, *, adaptive: bool) -> Mod:
             return reply  # a refusal (record-level budget): nothing to clip, hand it through
         return out
 
+    mod.__doc__ = (
+        f"Flower's ``{getattr(flower_mod, '__name__', 'clipping mod')}`` on train messages that "
+        "carry a clipping norm; every other message passes unchanged."
+    )
     return mod
 
 
