@@ -130,10 +130,19 @@ NO_ITEM: Final = -1
 """Marks an empty slot of `preceding_items` / `latest_items` (fewer earlier events)."""
 
 
-def _time_order(log: Interactions) -> IntArray:
-    """Event order by user, then time; events in the same second keep the log's row order."""
+def _time_order(log: Interactions, length: int) -> tuple[IntArray, IntArray, IntArray]:
+    """Order events by user, then time (events in the same second keep the log's row order).
+
+    Returns:
+        The order, and the users and items in that order.
+
+    Raises:
+        DataError: ``length`` (of the history asked for) is negative.
+    """
+    if length < 0:
+        raise DataError(f"length must be >= 0, got {length}")
     order: IntArray = np.lexsort((np.arange(len(log)), log.timestamp, log.user))
-    return order
+    return order, log.user[order], log.item[order]
 
 
 def preceding_items(log: Interactions, length: int) -> IntArray:
@@ -148,10 +157,7 @@ def preceding_items(log: Interactions, length: int) -> IntArray:
     Raises:
         DataError: ``length`` is negative.
     """
-    if length < 0:
-        raise DataError(f"length must be >= 0, got {length}")
-    order = _time_order(log)
-    users, items = log.user[order], log.item[order]
+    order, users, items = _time_order(log, length)
     out = np.full((len(log), length), NO_ITEM, dtype=np.int64)
     for back in range(1, min(length, len(log) - 1) + 1):
         same = np.zeros(len(log), dtype=bool)
@@ -174,10 +180,7 @@ def latest_items(log: Interactions, length: int) -> IntArray:
     Raises:
         DataError: ``length`` is negative.
     """
-    if length < 0:
-        raise DataError(f"length must be >= 0, got {length}")
-    order = _time_order(log)
-    users, items = log.user[order], log.item[order]
+    _, users, items = _time_order(log, length)
     counts = np.bincount(users, minlength=log.n_users)
     back = np.repeat(np.cumsum(counts), counts) - 1 - np.arange(len(log))  # 0 = latest
     out = np.full((log.n_users, length), NO_ITEM, dtype=np.int64)
