@@ -366,11 +366,18 @@ def model_label(history_length: int) -> str:
 def write_rec_report(run_dir: Path, summary: dict[str, Any], table: str) -> None:
     """Write ``report.md``: the comparison table and per-round pooled metrics."""
     fed = summary["federated"]
+    history = int(fed.get("history_length", 0))
+    stayed = (
+        f"and context factors; user factors and each customer's {history} latest items never "
+        "left their branch."
+        if history
+        else "factors; user factors never left their branch."
+    )
     lines = [
         f"# {summary['name']}: federated recommendations ({summary['dataset']})",
         "",
         f"{len(summary['branches'])} branches, {fed['rounds']} rounds of FedAvg over the item "
-        "factors; user factors never left their branch."
+        + stayed
         + (
             " Encrypted aggregation (CKKS): the server added ciphertexts of the branches' item "
             "updates and never saw one in plaintext; items.npz was decrypted with the run's key."
