@@ -31,6 +31,7 @@ from fedcrm.data.schema import ChurnSchema
 from fedcrm.data.split import Split
 from fedcrm.models.churn import TrainSettings
 from fedcrm.privacy.accounting import BranchAccountant, NoisePlan, plan_for_config
+from fedcrm.privacy.budget import BudgetDecision
 from fedcrm.privacy.config import DPConfig
 from fedcrm.privacy.dp_sgd import OPACUS_VERSION
 from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport, PrivacyUnitName
@@ -97,6 +98,47 @@ def plan_branch(
     return config, plan_for_config(config, num_rows=num_rows)
 
 
+def round_report(
+    decision: BudgetDecision,
+    *,
+    reason: str,
+    branch_name: str,
+    dp: FederatedDPConfig,
+    config: DPConfig,
+    plan: NoisePlan,
+    unit: PrivacyUnitName,
+    steps: int,
+    after: float,
+) -> PrivacyReport:
+    """The report of one DP round, admitted (``after``: ε after it) or refused.
+
+    A refusal's cost is what the round would have added (0 if the accountant has no finite
+    bound for it: the reason says so).
+    """
+    before = decision.current_epsilon
+    would_add = decision.round_epsilon if math.isfinite(decision.round_epsilon) else 0.0
+    return PrivacyReport(
+        decision="admitted" if decision.admitted else "refused",
+        reason=reason,
+        branch=branch_name,
+        model=dp.model,
+        purpose=dp.purpose,
+        privacy_unit=unit,
+        epsilon_round=(after - before) if decision.admitted else would_add,
+        epsilon_before=before,
+        epsilon=after,
+        budget=config.budget,
+        delta=config.delta,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=steps,
+        planned_steps=plan.steps_per_round,
+        max_grad_norm=config.max_grad_norm,
+        accountant=config.accountant,
+        library_version=f"opacus {OPACUS_VERSION}",
+    )
+
+
 def private_round(
     split: Split,
     schema: ChurnSchema,
@@ -143,29 +185,16 @@ def private_round(
     unit = privacy_unit_of(split, schema)
 
     def report(*, reason: str, steps: int, after: float) -> PrivacyReport:
-        before = decision.current_epsilon
-        # A refusal's cost is what the round would have added (0 if the accountant has no
-        # finite bound for it: the reason says so).
-        would_add = decision.round_epsilon if math.isfinite(decision.round_epsilon) else 0.0
-        return PrivacyReport(
-            decision="admitted" if decision.admitted else "refused",
+        return round_report(
+            decision,
             reason=reason,
-            branch=where.branch_name,
-            model=dp.model,
-            purpose=dp.purpose,
-            privacy_unit=unit,
-            epsilon_round=(after - before) if decision.admitted else would_add,
-            epsilon_before=before,
-            epsilon=after,
-            budget=config.budget,
-            delta=config.delta,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
+            branch_name=where.branch_name,
+            dp=dp,
+            config=config,
+            plan=plan,
+            unit=unit,
             steps=steps,
-            planned_steps=plan.steps_per_round,
-            max_grad_norm=config.max_grad_norm,
-            accountant=config.accountant,
-            library_version=f"opacus {OPACUS_VERSION}",
+            after=after,
         )
 
     if not decision.admitted:

@@ -10,20 +10,18 @@ with all of their (capped) interactions, so ε is customer-level (`fedcrm.models
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedcrm.client.dp_round import accountant_path
+from fedcrm.client.dp_round import accountant_path, round_report
 from fedcrm.data.interactions import Interactions
 from fedcrm.models.rec_private import fit_user_factors, train_items_private, user_rows
 from fedcrm.models.rec_training import Loss
 from fedcrm.models.recommender import MatrixFactorisation
 from fedcrm.privacy.accounting import BranchAccountant, NoisePlan, plan_for_config
 from fedcrm.privacy.config import DPConfig
-from fedcrm.privacy.dp_sgd import OPACUS_VERSION
 from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport
 
 logger = logging.getLogger(__name__)
@@ -139,27 +137,16 @@ def private_rec_round(
     )
 
     def report(*, reason: str, steps: int, after: float) -> PrivacyReport:
-        before = decision.current_epsilon
-        would_add = decision.round_epsilon if math.isfinite(decision.round_epsilon) else 0.0
-        return PrivacyReport(
-            decision="admitted" if decision.admitted else "refused",
+        return round_report(
+            decision,
             reason=reason,
-            branch=branch_name,
-            model=dp.model,
-            purpose=dp.purpose,
-            privacy_unit="customer",
-            epsilon_round=(after - before) if decision.admitted else would_add,
-            epsilon_before=before,
-            epsilon=after,
-            budget=config.budget,
-            delta=config.delta,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
+            branch_name=branch_name,
+            dp=dp,
+            config=config,
+            plan=plan,
+            unit="customer",
             steps=steps,
-            planned_steps=plan.steps_per_round,
-            max_grad_norm=config.max_grad_norm,
-            accountant=config.accountant,
-            library_version=f"opacus {OPACUS_VERSION}",
+            after=after,
         )
 
     if not decision.admitted:

@@ -118,7 +118,6 @@ class MatrixFactorisation(nn.Module):
         self.n_users = n_users
         self.n_items = n_items
         self.factors = factors
-        self.context_length = context
         self.users = UserTower(n_users, factors)
         self.items = ItemTower(n_items, factors, context)
         item_gen = torch.Generator().manual_seed(seed)
@@ -129,6 +128,11 @@ class MatrixFactorisation(nn.Module):
             nn.init.constant_(self.items.position.weight, 1.0 / context)
         user_gen = torch.Generator().manual_seed(seed + 1)
         nn.init.normal_(self.users.embedding.weight, std=INIT_STD, generator=user_gen)
+
+    @property
+    def context_length(self) -> int:
+        """History length ``L`` (0: plain MF)."""
+        return self.items.context_length
 
     def user_vectors(self, users: torch.Tensor, recent: torch.Tensor | None = None) -> torch.Tensor:
         """Return ``p_u`` plus, with a history context, the users' history vectors.

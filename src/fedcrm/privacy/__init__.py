@@ -31,6 +31,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "parse_central_dp",
         "reseed_global_numpy",
     ),
+    "budget": ("BudgetDecision",),
     "config": ("DPConfig",),
     "distributed_dp": (
         "DistributedNoise",
