@@ -6,6 +6,7 @@ SQLite by default, PostgreSQL by URL), the privacy ledger, the consent registry
 (:class:`ConsentRegistry`), hashed API keys and, in :mod:`fedcrm.compliance.audit`, the
 tamper-evident audit log. The FastAPI service is :mod:`fedcrm.compliance.api` and the
 ``fedcrm compliance`` commands are :mod:`fedcrm.compliance.cli` (both imported on demand).
+Its layers and modules: see docs/compliance.md.
 
 Example:
     >>> from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url

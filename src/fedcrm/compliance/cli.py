@@ -18,7 +18,7 @@ import typer
 from fedcrm.compliance.apikeys import ApiKeyStore
 from fedcrm.compliance.audit._log import AuditLog
 from fedcrm.compliance.consent import ConsentRegistry
-from fedcrm.compliance.db import open_store, sqlite_url
+from fedcrm.compliance.db import open_store, store_url
 from fedcrm.compliance.enums import Channel, Purpose, Role
 from fedcrm.compliance.errors import (
     ApiKeyError,
@@ -28,6 +28,8 @@ from fedcrm.compliance.errors import (
     ConsentStateError,
     ManifestError,
 )
+from fedcrm.compliance.lineage import LineageStore, customer_lineage
+from fedcrm.compliance.manifest import ManifestArchive
 
 EXIT_REFUSED = 1
 EXIT_UNUSABLE = 2
@@ -58,7 +60,7 @@ def _url(db: str | None) -> str:
         from fedcrm.compliance.core.config import Settings
 
         return Settings().database_url
-    return db if "://" in db else sqlite_url(db)
+    return store_url(db)
 
 
 def _fail(message: str, code: int = EXIT_UNUSABLE) -> typer.Exit:
@@ -261,9 +263,6 @@ def lineage(
     checked against every archived round (RFC 9162 inclusion proof) and the recorded root.
     Exits 1 when the customer has no commitment on this branch.
     """
-    from fedcrm.compliance.lineage import LineageStore, customer_lineage
-    from fedcrm.compliance.manifest import ManifestArchive
-
     try:
         store = LineageStore(open_store(_url(db), migrate=False))
         if customer is None:

@@ -17,22 +17,26 @@ Notes:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Engine, create_engine, event, make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import URL, ColumnElement, Engine, create_engine, event, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import QueryableAttribute, Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from fedcrm.compliance.errors import StoreError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,12 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """Seconds a SQLite connection waits for another writer before failing."""
+
+CONFLICT_ATTEMPTS = 3
+"""How many times :func:`retry_on_conflict` runs a write that keeps colliding."""
+
+_T = TypeVar("_T")
+_Record = TypeVar("_Record", bound="DataclassInstance")
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -51,6 +61,11 @@ def sqlite_url(path: str | Path) -> str:
             :func:`make_engine`.
     """
     return f"sqlite:///{Path(path).expanduser().resolve()}"
+
+
+def store_url(location: str) -> str:
+    """Return ``location`` if it is a URL (has ``://``), else the URL of that SQLite file."""
+    return location if "://" in location else sqlite_url(location)
 
 
 def _is_memory_sqlite(url: URL) -> bool:
@@ -129,6 +144,40 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+def retry_on_conflict(write: Callable[[], _T], *, attempts: int = CONFLICT_ATTEMPTS) -> _T:
+    """Run ``write`` (one whole transaction) again while it collides with a concurrent writer.
+
+    The repositories lock the rows they read before writing, so the only collision left is two
+    writers inserting the *first* row of the same key (a customer's consent record, a ledger
+    total): one of them gets :class:`~sqlalchemy.exc.IntegrityError`, its transaction was
+    rolled back, and running it again sees the other's row.
+
+    Raises:
+        IntegrityError: The last attempt collided too.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    return write()
+
+
+def record_from_row(cls: type[_Record], row: object) -> _Record:
+    """Return the dataclass ``cls`` built from the same-named attributes of a stored row."""
+    return cls(**{item.name: getattr(row, item.name) for item in dataclasses.fields(cls)})
+
+
+def equalities(
+    *pairs: tuple[QueryableAttribute[Any], object | None],
+) -> list[ColumnElement[bool]]:
+    """Return ``column == value`` for every pair whose value is given (not None).
+
+    For optional query filters: ``select(Row).where(*equalities((Row.branch, branch), ...))``.
+    """
+    return [column == value for column, value in pairs if value is not None]
+
+
 def _alembic_config(url: str | URL) -> Config:
     """Build the Alembic configuration in code (no ``alembic.ini`` at run time)."""
     cfg = Config()
@@ -150,16 +199,7 @@ def upgrade(url: str | URL, revision: str = "head") -> None:
         StoreError: The database cannot be reached or a migration failed; nothing of the failed
             migration is left behind (each migration runs in one transaction).
     """
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            cfg = _alembic_config(url)
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, revision)
-    except SQLAlchemyError as exc:
-        raise StoreError(f"migrating the compliance store failed: {exc}") from exc
-    finally:
-        engine.dispose()
+    _migrate(url, command.upgrade, revision, doing="migrating")
     logger.info("compliance store migrated to %s", revision)
 
 
@@ -169,14 +209,21 @@ def downgrade(url: str | URL, revision: str) -> None:
     Raises:
         StoreError: The database cannot be reached or a migration failed.
     """
+    _migrate(url, command.downgrade, revision, doing="downgrading")
+
+
+def _migrate(
+    url: str | URL, step: Callable[[Config, str], None], revision: str, *, doing: str
+) -> None:
+    """Run one Alembic command to ``revision`` in one transaction, then dispose of the engine."""
     engine = make_engine(url)
     try:
         with engine.begin() as connection:
             cfg = _alembic_config(url)
             cfg.attributes["connection"] = connection
-            command.downgrade(cfg, revision)
+            step(cfg, revision)
     except SQLAlchemyError as exc:
-        raise StoreError(f"downgrading the compliance store failed: {exc}") from exc
+        raise StoreError(f"{doing} the compliance store failed: {exc}") from exc
     finally:
         engine.dispose()
 

@@ -5,6 +5,27 @@ new member needs an Alembic migration as well.
 """
 
 from enum import StrEnum
+from typing import TypeVar
+
+_Member = TypeVar("_Member", bound=StrEnum)
+
+
+def coerce_member(
+    enum_cls: type[_Member], value: str, name: str, problems: list[str]
+) -> _Member | None:
+    """Return the member of ``enum_cls`` that ``value`` is or names.
+
+    Returns None after adding ``name``'s problem (with the allowed values) to ``problems``, so a
+    validator can collect every problem before it raises.
+    """
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum_cls)
+        problems.append(f"{name} must be one of {allowed}; got {value!r}")
+        return None
 
 
 class PrivacyUnit(StrEnum):
@@ -126,7 +147,11 @@ class ConsentStatus(StrEnum):
     @property
     def is_valid(self) -> bool:
         """Whether this status allows processing (given or renewed, before expiry)."""
-        return self in (ConsentStatus.GIVEN, ConsentStatus.RENEWED)
+        return self in VALID_STATUSES
+
+
+VALID_STATUSES = (ConsentStatus.GIVEN, ConsentStatus.RENEWED)
+"""The statuses that allow processing until they expire (:attr:`ConsentStatus.is_valid`)."""
 
 
 class Channel(StrEnum):

@@ -33,14 +33,12 @@ Hierarchy::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fedcrm.exceptions import FedCrmError
-
-if TYPE_CHECKING:
-    from fedcrm.compliance.audit._verify import VerificationReport
 
 
 class ComplianceError(FedCrmError):
@@ -173,16 +171,47 @@ class ExportFormatError(AuditError):
     """An exported audit-log file is malformed or of an unknown version."""
 
 
+class IssueReport(Protocol):
+    """What :class:`AuditVerificationError` needs of a report: the problems it found.
+
+    :class:`fedcrm.compliance.audit.VerificationReport` is one; the protocol keeps this module
+    below the audit package (the audit package imports these errors, never the reverse).
+    """
+
+    @property
+    def issues(self) -> Sequence[object]:
+        """Every problem found, each printable on one line."""
+        ...
+
+
 class AuditVerificationError(AuditError):
     """An offline verification found at least one problem.
 
     Args:
-        report: The full report; ``report.issues`` lists every problem found.
+        report: The full report (a :class:`~fedcrm.compliance.audit.VerificationReport`);
+            ``report.issues`` lists every problem found.
     """
 
-    def __init__(self, report: VerificationReport) -> None:
+    def __init__(self, report: IssueReport) -> None:
         self.report = report
         lines = "\n".join(f"  - {issue}" for issue in report.issues)
         super().__init__(
             f"audit log verification failed, {len(report.issues)} problem(s):\n{lines}"
         )
+
+
+@contextmanager
+def malformed_as(
+    error: type[ComplianceError], what: str, *, lacks: str = "lacks field"
+) -> Iterator[None]:
+    """Turn the ``KeyError`` or ``ValueError`` of reading a record into ``error``.
+
+    A missing key becomes ``"<what> <lacks> 'key'"`` and a bad value ``"invalid <what>: ..."``;
+    this package's own errors pass through unchanged.
+    """
+    try:
+        yield
+    except KeyError as exc:
+        raise error(f"{what} {lacks} {exc.args[0]!r}") from exc
+    except ValueError as exc:
+        raise error(f"invalid {what}: {exc}") from exc

@@ -10,12 +10,9 @@ Invariants enforced on every append (and by CHECK constraints in the database):
       reason;
     * ranges: ``0 < δ < 1``, ``0 < q <= 1``, ``C > 0``, ``σ >= 0``, ``ε >= 0`` and finite.
 
-Notes:
-    The check-and-append runs in one transaction that locks the (branch, model, purpose) row of
-    ``privacy_ledger_totals`` (``SELECT ... FOR UPDATE``; ``BEGIN IMMEDIATE`` on SQLite), so two
-    concurrent writers cannot both read an old total and one of them lower it. With an
-    :class:`~fedcrm.compliance.audit.AuditLog`, every entry is also written to the audit log
-    (``ledger-entry`` or ``refusal``) in the same transaction.
+Each append is one transaction that locks its (branch, model, purpose) total, with its audit
+event when there is an audit log. See docs/compliance.md (why no concurrent writer can lower a
+total).
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -34,7 +31,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fedcrm.compliance._types import utcnow
 from fedcrm.compliance.audit._events import AuditEvent
-from fedcrm.compliance.db import transaction
+from fedcrm.compliance.audit._log import AuditLog
+from fedcrm.compliance.db import equalities, record_from_row, retry_on_conflict, transaction
 from fedcrm.compliance.enums import (
     Accountant,
     Decision,
@@ -43,12 +41,10 @@ from fedcrm.compliance.enums import (
     NeighbouringRelation,
     PrivacyUnit,
     SamplingMethod,
+    coerce_member,
 )
 from fedcrm.compliance.errors import CumulativeEpsilonDecrease, LedgerError
 from fedcrm.compliance.models import PrivacyLedgerEntry, PrivacyLedgerTotal
-
-if TYPE_CHECKING:
-    from fedcrm.compliance.audit._log import AuditLog
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +53,6 @@ REFUSAL_TOLERANCE = 1e-9
 
 _MAX_REF = 128
 _MAX_PURPOSE = 64
-_APPEND_ATTEMPTS = 3
-
-
-def _coerce_enum(value: Any, enum_cls: type[Any], name: str, problems: list[str]) -> Any:
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = ", ".join(member.value for member in enum_cls)
-        problems.append(f"{name} must be one of {allowed}; got {value!r}")
-        return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,15 +114,16 @@ class LedgerEntry:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        for name, enum_cls in (
+        vocabularies: tuple[tuple[str, type[StrEnum]], ...] = (
             ("privacy_unit", PrivacyUnit),
             ("neighbouring_relation", NeighbouringRelation),
             ("mechanism", Mechanism),
             ("sampling_method", SamplingMethod),
             ("accountant", Accountant),
             ("decision", Decision),
-        ):
-            value = _coerce_enum(getattr(self, name), enum_cls, name, problems)
+        )
+        for name, enum_cls in vocabularies:
+            value = coerce_member(enum_cls, getattr(self, name), name, problems)
             object.__setattr__(self, name, value)
         for name, limit in (
             ("run_id", _MAX_REF),
@@ -222,32 +207,10 @@ class LedgerTotal:
     updated_at: datetime
 
 
-def _from_row(row: PrivacyLedgerEntry) -> LedgerEntry:
-    return LedgerEntry(
-        id=row.id,
-        run_id=row.run_id,
-        round=row.round,
-        branch=row.branch,
-        model=row.model,
-        purpose=row.purpose,
-        privacy_unit=row.privacy_unit,
-        neighbouring_relation=row.neighbouring_relation,
-        mechanism=row.mechanism,
-        noise_multiplier=row.noise_multiplier,
-        clipping_norm=row.clipping_norm,
-        sampling_rate=row.sampling_rate,
-        sampling_method=row.sampling_method,
-        steps=row.steps,
-        delta=row.delta,
-        accountant=row.accountant,
-        library_version=row.library_version,
-        epsilon=row.epsilon,
-        cumulative_epsilon=row.cumulative_epsilon,
-        epsilon_budget=row.epsilon_budget,
-        decision=row.decision,
-        reason=row.reason,
-        recorded_at=row.recorded_at,
-    )
+_STORED_FIELDS = tuple(
+    item.name for item in dataclasses.fields(LedgerEntry) if item.name not in ("id", "recorded_at")
+)
+"""The fields of an entry its caller sets; the ledger sets ``id`` and ``recorded_at``."""
 
 
 class PrivacyLedger:
@@ -278,25 +241,23 @@ class PrivacyLedger:
             LedgerError: A refusal claims to spend budget, or the append kept conflicting with
                 concurrent writers.
         """
-        for attempt in range(1, _APPEND_ATTEMPTS + 1):
-            try:
-                with transaction(self._factory) as session:
-                    stored = self._append(session, entry)
-            except IntegrityError as exc:
-                # Only a concurrent first entry for the same (branch, model, purpose) can
-                # collide on the totals primary key; everything was rolled back: retry.
-                if attempt == _APPEND_ATTEMPTS:
-                    raise LedgerError(f"ledger append kept conflicting: {exc}") from exc
-                continue
-            logger.info(
-                "ledger: %s round %d, branch total ε=%.6g (event ε=%.6g)",
-                stored.decision,
-                stored.round,
-                stored.cumulative_epsilon,
-                stored.epsilon,
-            )
-            return stored
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def append_once() -> LedgerEntry:
+            with transaction(self._factory) as session:
+                return self._append(session, entry)
+
+        try:
+            stored = retry_on_conflict(append_once)
+        except IntegrityError as exc:
+            raise LedgerError(f"ledger append kept conflicting: {exc}") from exc
+        logger.info(
+            "ledger: %s round %d, branch total ε=%.6g (event ε=%.6g)",
+            stored.decision,
+            stored.round,
+            stored.cumulative_epsilon,
+            stored.epsilon,
+        )
+        return stored
 
     def _append(self, session: Session, entry: LedgerEntry) -> LedgerEntry:
         total = session.execute(
@@ -326,28 +287,7 @@ class PrivacyLedger:
             )
         now = utcnow()
         row = PrivacyLedgerEntry(
-            run_id=entry.run_id,
-            round=entry.round,
-            branch=entry.branch,
-            model=entry.model,
-            purpose=entry.purpose,
-            privacy_unit=entry.privacy_unit,
-            neighbouring_relation=entry.neighbouring_relation,
-            mechanism=entry.mechanism,
-            noise_multiplier=float(entry.noise_multiplier),
-            clipping_norm=float(entry.clipping_norm),
-            sampling_rate=float(entry.sampling_rate),
-            sampling_method=entry.sampling_method,
-            steps=entry.steps,
-            delta=float(entry.delta),
-            accountant=entry.accountant,
-            library_version=entry.library_version,
-            epsilon=float(entry.epsilon),
-            cumulative_epsilon=float(entry.cumulative_epsilon),
-            epsilon_budget=None if entry.epsilon_budget is None else float(entry.epsilon_budget),
-            decision=entry.decision,
-            reason=entry.reason,
-            recorded_at=now,
+            **{name: getattr(entry, name) for name in _STORED_FIELDS}, recorded_at=now
         )
         session.add(row)
         session.flush()
@@ -385,11 +325,13 @@ class PrivacyLedger:
     def totals(self, *, branch: str | None = None) -> list[LedgerTotal]:
         """Return the cumulative ε of every (branch, model, purpose), optionally one branch's."""
         with self._factory() as session:
-            query = select(PrivacyLedgerTotal).order_by(
-                PrivacyLedgerTotal.branch, PrivacyLedgerTotal.model, PrivacyLedgerTotal.purpose
+            query = (
+                select(PrivacyLedgerTotal)
+                .where(*equalities((PrivacyLedgerTotal.branch, branch)))
+                .order_by(
+                    PrivacyLedgerTotal.branch, PrivacyLedgerTotal.model, PrivacyLedgerTotal.purpose
+                )
             )
-            if branch is not None:
-                query = query.where(PrivacyLedgerTotal.branch == branch)
             return [
                 LedgerTotal(
                     row.branch, row.model, row.purpose, row.cumulative_epsilon, row.updated_at
@@ -407,19 +349,21 @@ class PrivacyLedger:
         decision: Decision | None = None,
     ) -> list[LedgerEntry]:
         """Return the entries matching every given filter, in the order they were recorded."""
-        query = select(PrivacyLedgerEntry).order_by(PrivacyLedgerEntry.id)
-        if run_id is not None:
-            query = query.where(PrivacyLedgerEntry.run_id == run_id)
-        if branch is not None:
-            query = query.where(PrivacyLedgerEntry.branch == branch)
-        if model is not None:
-            query = query.where(PrivacyLedgerEntry.model == model)
-        if purpose is not None:
-            query = query.where(PrivacyLedgerEntry.purpose == purpose)
-        if decision is not None:
-            query = query.where(PrivacyLedgerEntry.decision == decision)
+        query = (
+            select(PrivacyLedgerEntry)
+            .where(
+                *equalities(
+                    (PrivacyLedgerEntry.run_id, run_id),
+                    (PrivacyLedgerEntry.branch, branch),
+                    (PrivacyLedgerEntry.model, model),
+                    (PrivacyLedgerEntry.purpose, purpose),
+                    (PrivacyLedgerEntry.decision, decision),
+                )
+            )
+            .order_by(PrivacyLedgerEntry.id)
+        )
         with self._factory() as session:
-            return [_from_row(row) for row in session.execute(query).scalars()]
+            return [record_from_row(LedgerEntry, row) for row in session.execute(query).scalars()]
 
     def by_run(self, run_id: str) -> list[LedgerEntry]:
         """Return every entry of one run."""

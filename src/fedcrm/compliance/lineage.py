@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fedcrm.compliance.audit._events import AuditEvent
 from fedcrm.compliance.audit._log import AuditLog
-from fedcrm.compliance.db import transaction
+from fedcrm.compliance.db import equalities, record_from_row, transaction
 from fedcrm.compliance.enums import EventType, Purpose
 from fedcrm.compliance.errors import ManifestError
 from fedcrm.compliance.manifest import ManifestArchive, Membership, RoundManifest
@@ -119,18 +119,6 @@ def _manifest_record(row: RoundManifestRow) -> ManifestRecord:
     )
 
 
-def _release_record(row: ModelRelease) -> ReleaseRecord:
-    return ReleaseRecord(
-        run_id=row.run_id,
-        model=row.model,
-        sha256=row.sha256,
-        last_round=row.last_round,
-        file_name=row.file_name,
-        audit_index=row.audit_index,
-        recorded_at=row.recorded_at,
-    )
-
-
 class LineageStore:
     """Round manifests and model releases in the compliance store, each with its audit event.
 
@@ -215,30 +203,31 @@ class LineageStore:
             )
             session.add(row)
             session.flush()
-            return _release_record(row)
+            return record_from_row(ReleaseRecord, row)
 
     def manifests(
         self, *, branch: str | None = None, run_id: str | None = None
     ) -> list[ManifestRecord]:
         """Return stored manifests, by run, round and branch."""
-        query = select(RoundManifestRow)
-        if branch is not None:
-            query = query.where(RoundManifestRow.branch == branch)
-        if run_id is not None:
-            query = query.where(RoundManifestRow.run_id == run_id)
-        query = query.order_by(
-            RoundManifestRow.run_id, RoundManifestRow.round, RoundManifestRow.branch
+        query = (
+            select(RoundManifestRow)
+            .where(
+                *equalities((RoundManifestRow.branch, branch), (RoundManifestRow.run_id, run_id))
+            )
+            .order_by(RoundManifestRow.run_id, RoundManifestRow.round, RoundManifestRow.branch)
         )
         with self._factory() as session:
             return [_manifest_record(row) for row in session.execute(query).scalars()]
 
     def releases(self, *, run_id: str | None = None) -> list[ReleaseRecord]:
         """Return released models, oldest first."""
-        query = select(ModelRelease).order_by(ModelRelease.id)
-        if run_id is not None:
-            query = query.where(ModelRelease.run_id == run_id)
+        query = (
+            select(ModelRelease)
+            .where(*equalities((ModelRelease.run_id, run_id)))
+            .order_by(ModelRelease.id)
+        )
         with self._factory() as session:
-            return [_release_record(row) for row in session.execute(query).scalars()]
+            return [record_from_row(ReleaseRecord, row) for row in session.execute(query).scalars()]
 
     def uses(self, *, branch: str | None = None, run_id: str | None = None) -> list[RoundUse]:
         """Return every round that used a branch's data, with the models that include it."""

@@ -1,23 +1,10 @@
 """Round manifests: a Merkle root over salted commitments of the customers a round used.
 
-After its consent gate, a branch commits to the customers whose rows it trains on in a round:
-
-* each customer gets a random 16-byte salt, kept on the branch in a 0600 file
-  (:class:`SaltStore`) and never sent anywhere;
-* the commitment of a customer is ``SHA-256("fedcrm-manifest-v1" 0x00 || salt || id)``;
-* the leaves are the RFC 9162 leaf hashes ``SHA-256(0x00 || commitment)`` sorted by value (a
-  canonical order that reveals nothing about the ids), and the manifest's root is their Merkle
-  Tree Hash (RFC 9162 §2.1.1, the same code as the audit log, :mod:`fedcrm.compliance.audit`).
-
-Only the root, the consent-snapshot version and counts leave the branch (in the training
-reply and from there into the audit log). The branch keeps the sorted commitments of every
-root (:class:`ManifestArchive`), so it can later prove that a customer was in a round (an RFC
-9162 inclusion proof of the customer's commitment against the root the server recorded) or
-was not (the customer's commitment is not among the committed leaves). Deleting a customer's
-salt (after an erasure) makes their commitments unlinkable while every root still verifies.
-
-Nothing here imports the ML stack or Flower: records are plain ``dict[str, int | str]`` that
-the ClientApp wraps in a ``ConfigRecord``.
+Each customer's commitment is ``SHA-256("fedcrm-manifest-v1" 0x00 || salt || id)`` with a salt
+that never leaves the branch (:class:`SaltStore`); the root is the RFC 9162 Merkle Tree Hash of
+the sorted leaf hashes. Only the root, the consent-snapshot version and counts leave the branch;
+the archive (:class:`ManifestArchive`) proves later whether a customer was in a round. See
+docs/compliance.md (the scheme, and what deleting a salt does).
 """
 
 from __future__ import annotations
@@ -25,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,9 +21,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fedcrm.compliance._files import write_atomically
 from fedcrm.compliance.audit._merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_inclusion
 from fedcrm.compliance.enums import Purpose
-from fedcrm.compliance.errors import ManifestError
+from fedcrm.compliance.errors import ManifestError, malformed_as
 
 SALT_BYTES = 16
 """Bytes of a customer's commitment salt (128 bits: the commitment cannot be brute-forced)."""
@@ -182,20 +168,7 @@ class SaltStore:
     def _save(self, salts: Mapping[str, bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"version": MANIFEST_VERSION, "salts": {c: s.hex() for c, s in salts.items()}}
-        _write_private(self.path, json.dumps(data, sort_keys=True))
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_atomically(self.path, [json.dumps(data, sort_keys=True)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,19 +313,13 @@ class ConsentRefusal:
         Raises:
             ManifestError: A key is missing or a value is invalid.
         """
-        try:
+        with malformed_as(ManifestError, "consent refusal", lacks="lacks"):
             return cls(
                 branch=str(record[KEY_BRANCH]),
                 purpose=_purpose(record[KEY_PURPOSE]),
                 code=RefusalCode(str(record[KEY_REASON_CODE])),
                 reason=str(record[KEY_REASON]),
             )
-        except KeyError as exc:
-            raise ManifestError(f"consent refusal lacks {exc.args[0]!r}") from exc
-        except ValueError as exc:
-            if isinstance(exc, ManifestError):
-                raise
-            raise ManifestError(f"invalid consent refusal: {exc}") from exc
 
     def to_json(self) -> dict[str, str]:
         """Return the refusal as JSON data (for the audit log)."""
@@ -468,7 +435,7 @@ class ManifestArchive:
         leaves_file = self.folder / "leaves" / f"{root}.txt"
         if not leaves_file.exists():
             leaves_file.parent.mkdir(parents=True, exist_ok=True)
-            _write_private(leaves_file, "".join(leaf.hex() + "\n" for leaf in leaves))
+            write_atomically(leaves_file, (leaf.hex() + "\n" for leaf in leaves))
         round_file = self.folder / "runs" / run_id / f"round-{server_round:04d}.json"
         round_file.parent.mkdir(parents=True, exist_ok=True)
         data = {
@@ -478,7 +445,7 @@ class ManifestArchive:
             "manifest": manifest.to_json(),
             "record": manifest.to_record(),
         }
-        _write_private(round_file, json.dumps(data, indent=2, sort_keys=True))
+        write_atomically(round_file, [json.dumps(data, indent=2, sort_keys=True)])
         return manifest
 
     def rounds(self, run_id: str | None = None) -> list[ArchivedRound]:

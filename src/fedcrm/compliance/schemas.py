@@ -1,10 +1,11 @@
 """Request and response bodies of the compliance service, split by direction.
 
 ``XCreate`` models are what a client may send; ``XPublic`` models are all a response may carry.
-Response models are built field by field from the domain dataclasses (``from_domain``), so an
-internal field (a token hash, a key, a stored row id) can only reach a response by being added
-here on purpose. Researchers' responses (:class:`CoveragePublic`, :class:`LedgerTotalPublic`,
-:class:`BurnDownPublic`) carry no per-customer field at all.
+Response models read the domain objects' attributes (``XPublic.model_validate(obj)``, pydantic's
+``from_attributes``) but declare every field they carry, so an internal field (a token hash, a
+key, a stored row id) can only reach a response by being added here on purpose. Researchers'
+responses (:class:`CoveragePublic`, :class:`LedgerTotalPublic`, :class:`BurnDownPublic`) carry
+no per-customer field at all.
 """
 
 from __future__ import annotations
@@ -12,19 +13,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AliasPath, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
-from fedcrm.compliance.apikeys import Principal
 from fedcrm.compliance.audit._log import ConsistencyProof, InclusionProof
 from fedcrm.compliance.audit._signing import SignedCheckpoint
-from fedcrm.compliance.consent import (
-    ConsentRecordView,
-    CoverageCount,
-    HistoryEntry,
-    ImportSummary,
-    Notice,
-    PurposeStatus,
-)
+from fedcrm.compliance.consent import ACTOR_PATTERN, NAME_PATTERN, ConsentRecordView, Notice
 from fedcrm.compliance.core.config import (
     Controller,
     ProcessingActivity,
@@ -39,13 +32,9 @@ from fedcrm.compliance.enums import (
     Purpose,
     Role,
 )
-from fedcrm.compliance.ledger import LedgerEntry, LedgerTotal
-from fedcrm.compliance.lineage import ManifestRecord, ReleaseRecord, RoundUse, RunSummary
 
-NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
-"""Branches, customer ids (pseudonyms) and notice ids."""
-ACTOR_PATTERN = r"^[A-Za-z0-9_.:/\-]{1,128}$"
-"""Who recorded a change: ``customer`` or a staff pseudonym such as ``b1/clerk-17``."""
+HEX_HASH_PATTERN = r"^[0-9a-f]{64}$"
+"""A lower-case hex SHA-256 (notice texts, manifest roots, model hashes, proof nodes)."""
 
 _Name = Field(pattern=NAME_PATTERN)
 _Actor = Field(pattern=ACTOR_PATTERN, examples=["customer"])
@@ -56,7 +45,7 @@ class _In(BaseModel):
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, from_attributes=True)
 
 
 # -- consent: requests --------------------------------------------------------------------
@@ -67,7 +56,7 @@ class NoticeBase(_In):
 
     notice_id: str = _Name
     version: str = Field(min_length=1, max_length=64)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=HEX_HASH_PATTERN)
 
     def to_domain(self) -> Notice:
         """Return the domain notice."""
@@ -81,26 +70,30 @@ class PurposeGrant(_In):
     legal_basis: LegalBasis = LegalBasis.CONSENT
 
 
-class ConsentGiveCreate(_In):
-    """Give consent for one or more purposes."""
+class ConsentDecisionBase(_In):
+    """What giving and refusing both carry: the purposes asked about, the notice, where, who."""
 
     purposes: list[PurposeGrant] = Field(min_length=1, max_length=len(Purpose))
     notice: NoticeBase
     channel: Channel
     actor: str = _Actor
     collection_method: CollectionMethod = CollectionMethod.ONLINE_FORM
+
+    def legal_bases(self) -> dict[Purpose, LegalBasis]:
+        """Return each purpose with the legal basis it is asked under."""
+        return {grant.purpose: grant.legal_basis for grant in self.purposes}
+
+
+class ConsentGiveCreate(ConsentDecisionBase):
+    """Give consent for one or more purposes."""
+
     expires_at: AwareDatetime | None = None
     at: AwareDatetime | None = Field(default=None, description="When (default: now).")
 
 
-class ConsentRefuseCreate(_In):
+class ConsentRefuseCreate(ConsentDecisionBase):
     """Record a refusal for one or more purposes."""
 
-    purposes: list[PurposeGrant] = Field(min_length=1, max_length=len(Purpose))
-    notice: NoticeBase
-    channel: Channel
-    actor: str = _Actor
-    collection_method: CollectionMethod = CollectionMethod.ONLINE_FORM
     at: AwareDatetime | None = None
 
 
@@ -142,11 +135,6 @@ class NoticePublic(_Out):
     version: str
     sha256: str
 
-    @classmethod
-    def from_domain(cls, notice: Notice) -> NoticePublic:
-        """Build from the domain object."""
-        return cls(notice_id=notice.notice_id, version=notice.version, sha256=notice.sha256)
-
 
 class HistoryEntryPublic(_Out):
     """One event of the append-only consent history."""
@@ -162,22 +150,6 @@ class HistoryEntryPublic(_Out):
     notice: NoticePublic
     audit_index: int
 
-    @classmethod
-    def from_domain(cls, entry: HistoryEntry) -> HistoryEntryPublic:
-        """Build from the domain object."""
-        return cls(
-            purpose=entry.purpose,
-            event=entry.event,
-            legal_basis=entry.legal_basis,
-            occurred_at=entry.occurred_at,
-            expires_at=entry.expires_at,
-            actor=entry.actor,
-            channel=entry.channel,
-            collection_method=entry.collection_method,
-            notice=NoticePublic.from_domain(entry.notice),
-            audit_index=entry.audit_index,
-        )
-
 
 class PurposeStatusPublic(_Out):
     """The status of one purpose at the time asked."""
@@ -191,17 +163,16 @@ class PurposeStatusPublic(_Out):
     notice: NoticePublic
 
     @classmethod
-    def from_domain(cls, status: PurposeStatus, *, erased: bool = False) -> PurposeStatusPublic:
-        """Build from the domain object (never valid once the customer is erased)."""
-        return cls(
-            purpose=status.purpose,
-            status=status.status,
-            valid=status.valid and not erased,
-            legal_basis=status.legal_basis,
-            since=status.since,
-            expires_at=status.expires_at,
-            notice=NoticePublic.from_domain(status.notice),
-        )
+    def of_record(cls, view: ConsentRecordView, at: datetime | None = None) -> list[Self]:
+        """Return the status of each purpose of a record at ``at`` (default now), by purpose.
+
+        The domain reports an erased customer's consents as recorded; a response never calls
+        any of them valid.
+        """
+        statuses = [cls.model_validate(status) for _, status in sorted(view.status_at(at).items())]
+        if view.erased:
+            return [status.model_copy(update={"valid": False}) for status in statuses]
+        return statuses
 
 
 class ConsentRecordPublic(_Out):
@@ -216,21 +187,16 @@ class ConsentRecordPublic(_Out):
     history: list[HistoryEntryPublic]
 
     @classmethod
-    def from_domain(
-        cls, view: ConsentRecordView, at: datetime | None = None
-    ) -> ConsentRecordPublic:
-        """Build from the domain object, statuses at ``at`` (default now)."""
+    def from_domain(cls, view: ConsentRecordView) -> Self:
+        """Build from the domain object, with every purpose's status now."""
         return cls(
             record_id=view.record_id,
             branch=view.branch,
             customer_id=view.subject,
             created_at=view.created_at,
             erased=view.erased,
-            purposes=[
-                PurposeStatusPublic.from_domain(status, erased=view.erased)
-                for _, status in sorted(view.status_at(at).items())
-            ],
-            history=[HistoryEntryPublic.from_domain(entry) for entry in view.history],
+            purposes=PurposeStatusPublic.of_record(view),
+            history=[HistoryEntryPublic.model_validate(entry) for entry in view.history],
         )
 
 
@@ -267,21 +233,6 @@ class CoveragePublic(_Out):
     erased: int
     coverage: float
 
-    @classmethod
-    def from_domain(cls, count: CoverageCount) -> CoveragePublic:
-        """Build from the domain object."""
-        return cls(
-            branch=count.branch,
-            purpose=count.purpose,
-            customers=count.customers,
-            valid=count.valid,
-            expired=count.expired,
-            refused=count.refused,
-            withdrawn=count.withdrawn,
-            erased=count.erased,
-            coverage=count.coverage,
-        )
-
 
 class ImportSummaryPublic(_Out):
     """What a bulk consent import wrote."""
@@ -291,17 +242,6 @@ class ImportSummaryPublic(_Out):
     records_created: int
     events: int
     customers: int
-
-    @classmethod
-    def from_domain(cls, summary: ImportSummary) -> ImportSummaryPublic:
-        """Build from the domain object."""
-        return cls(
-            branch=summary.branch,
-            rows=summary.rows,
-            records_created=summary.records_created,
-            events=summary.events,
-            customers=summary.customers,
-        )
 
 
 class ReceiptCheckpointPublic(_Out):
@@ -370,11 +310,6 @@ class ReceiptPublic(_Out):
     audit: ReceiptAuditPublic
     withdrawal: str
 
-    @classmethod
-    def from_domain(cls, receipt: dict[str, Any]) -> ReceiptPublic:
-        """Build from :meth:`fedcrm.compliance.ConsentRegistry.receipt` output."""
-        return cls.model_validate(receipt)
-
 
 # -- ledger -------------------------------------------------------------------------------
 
@@ -406,11 +341,6 @@ class LedgerEntryPublic(_Out):
     reason: str | None
     recorded_at: datetime
 
-    @classmethod
-    def from_domain(cls, entry: LedgerEntry) -> LedgerEntryPublic:
-        """Build from the domain object."""
-        return cls.model_validate(entry.to_json())
-
 
 class LedgerTotalPublic(_Out):
     """The cumulative ε of one (branch, model, purpose)."""
@@ -420,17 +350,6 @@ class LedgerTotalPublic(_Out):
     purpose: str
     cumulative_epsilon: float
     updated_at: datetime
-
-    @classmethod
-    def from_domain(cls, total: LedgerTotal) -> LedgerTotalPublic:
-        """Build from the domain object."""
-        return cls(
-            branch=total.branch,
-            model=total.model,
-            purpose=total.purpose,
-            cumulative_epsilon=total.cumulative_epsilon,
-            updated_at=total.updated_at,
-        )
 
 
 class BurnDownPointPublic(_Out):
@@ -533,23 +452,15 @@ class RopaRecordPublic(_Out):
     @classmethod
     def from_config(
         cls, activity: ProcessingActivity, branches: list[str], security: SecurityMeasures
-    ) -> RopaRecordPublic:
+    ) -> Self:
         """Build from the configured activity, the known branches and the security measures."""
-        return cls(
-            purpose=activity.purpose,
-            description=activity.description,
-            legal_basis=activity.legal_basis,
-            data_subjects=list(activity.data_subjects),
-            data_categories=list(activity.data_categories),
-            recipients=list(activity.recipients),
-            third_country_transfers=activity.third_country_transfers,
-            retention=activity.retention,
-            branches=branches,
-            dp_targets=[
-                target.model_dump(mode="json")
-                for target in security.dp_targets
-                if target.purpose == activity.purpose
-            ],
+        targets = [
+            target.model_dump(mode="json")
+            for target in security.dp_targets
+            if target.purpose == activity.purpose
+        ]
+        return cls.model_validate(
+            {**activity.model_dump(), "branches": branches, "dp_targets": targets}
         )
 
 
@@ -573,11 +484,6 @@ class PrincipalPublic(_Out):
     role: Role
     branch: str | None
 
-    @classmethod
-    def from_domain(cls, principal: Principal) -> PrincipalPublic:
-        """Build from the domain object."""
-        return cls(key_id=principal.key_id, role=principal.role, branch=principal.branch)
-
 
 class ImportRowErrorPublic(_Out):
     """One rejected CSV row."""
@@ -596,8 +502,10 @@ class ErrorPublic(_Out):
 
 # -- lineage -------------------------------------------------------------------------------
 
-HEX_HASH_PATTERN = r"^[0-9a-f]{64}$"
-"""A lower-case hex SHA-256 (manifest roots, model hashes, proof nodes)."""
+
+def _in_manifest(name: str) -> Any:
+    """A field read from the record's :class:`~fedcrm.compliance.manifest.RoundManifest`."""
+    return Field(validation_alias=AliasPath("manifest", name))
 
 
 class ManifestPublic(_Out):
@@ -605,35 +513,16 @@ class ManifestPublic(_Out):
 
     run_id: str
     round: int
-    branch: str
-    purpose: Purpose
-    root: str
-    leaves: int
-    consent_snapshot_version: int
-    rows_before: int
-    rows_after: int
-    excluded: dict[str, int]
+    branch: str = _in_manifest("branch")
+    purpose: Purpose = _in_manifest("purpose")
+    root: str = _in_manifest("root")
+    leaves: int = _in_manifest("leaves")
+    consent_snapshot_version: int = _in_manifest("snapshot_version")
+    rows_before: int = _in_manifest("rows_before")
+    rows_after: int = _in_manifest("rows_after")
+    excluded: dict[str, int] = _in_manifest("excluded")
     audit_index: int
     recorded_at: datetime
-
-    @classmethod
-    def from_domain(cls, record: ManifestRecord) -> ManifestPublic:
-        """Build from the domain object."""
-        m = record.manifest
-        return cls(
-            run_id=record.run_id,
-            round=record.round,
-            branch=m.branch,
-            purpose=m.purpose,
-            root=m.root,
-            leaves=m.leaves,
-            consent_snapshot_version=m.snapshot_version,
-            rows_before=m.rows_before,
-            rows_after=m.rows_after,
-            excluded=dict(m.excluded),
-            audit_index=record.audit_index,
-            recorded_at=record.recorded_at,
-        )
 
 
 class ModelReleasePublic(_Out):
@@ -647,33 +536,12 @@ class ModelReleasePublic(_Out):
     audit_index: int
     recorded_at: datetime
 
-    @classmethod
-    def from_domain(cls, release: ReleaseRecord) -> ModelReleasePublic:
-        """Build from the domain object."""
-        return cls(
-            run_id=release.run_id,
-            model=release.model,
-            sha256=release.sha256,
-            last_round=release.last_round,
-            file_name=release.file_name,
-            audit_index=release.audit_index,
-            recorded_at=release.recorded_at,
-        )
-
 
 class RoundUsePublic(_Out):
     """One round that used a branch's data, and the released models that include it."""
 
-    manifest: ManifestPublic
+    manifest: ManifestPublic = Field(validation_alias="record")
     models: list[ModelReleasePublic]
-
-    @classmethod
-    def from_domain(cls, use: RoundUse) -> RoundUsePublic:
-        """Build from the domain object."""
-        return cls(
-            manifest=ManifestPublic.from_domain(use.record),
-            models=[ModelReleasePublic.from_domain(m) for m in use.models],
-        )
 
 
 class LineageRunPublic(_Out):
@@ -686,19 +554,6 @@ class LineageRunPublic(_Out):
     rows_used: int
     rows_excluded: int
     models: int
-
-    @classmethod
-    def from_domain(cls, run: RunSummary) -> LineageRunPublic:
-        """Build from the domain object."""
-        return cls(
-            run_id=run.run_id,
-            rounds=run.rounds,
-            branches=run.branches,
-            manifests=run.manifests,
-            rows_used=run.rows_used,
-            rows_excluded=run.rows_excluded,
-            models=run.models,
-        )
 
 
 class MembershipCheckCreate(_In):

@@ -16,9 +16,9 @@ from fedcrm.compliance import (
     Notice,
     Purpose,
 )
-from fedcrm.compliance import consent as consent_module
 from fedcrm.compliance.audit import AuditLog, EventType
 from fedcrm.compliance.audit import _log as log_module
+from fedcrm.compliance.consent import _changes as consent_changes
 from fedcrm.compliance.enums import KeyScope
 from fedcrm.compliance.models import AuditBodyKey, ConsentEvent, ConsentRecord
 
@@ -170,8 +170,8 @@ def test_branch_and_actor_are_validated(store: sessionmaker[Session]) -> None:
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny query and insert chunks, so that a small file crosses every chunk boundary."""
-    monkeypatch.setattr(consent_module, "QUERY_CHUNK", 7)
-    monkeypatch.setattr(consent_module, "INSERT_CHUNK", 5)
+    monkeypatch.setattr(consent_changes, "QUERY_CHUNK", 7)
+    monkeypatch.setattr(consent_changes, "INSERT_CHUNK", 5)
     monkeypatch.setattr(log_module, "QUERY_CHUNK", 7)
     monkeypatch.setattr(log_module, "INSERT_CHUNK", 5)
 

@@ -10,6 +10,7 @@ import pytest
 import fedcrm.compliance
 import fedcrm.compliance.api
 import fedcrm.compliance.audit
+import fedcrm.compliance.consent
 import fedcrm.compliance.core
 
 FORBIDDEN = ("torch", "opacus", "tenseal", "flwr")
@@ -17,7 +18,13 @@ FORBIDDEN = ("torch", "opacus", "tenseal", "flwr")
 
 @pytest.mark.parametrize(
     "module",
-    [fedcrm.compliance, fedcrm.compliance.audit, fedcrm.compliance.api, fedcrm.compliance.core],
+    [
+        fedcrm.compliance,
+        fedcrm.compliance.audit,
+        fedcrm.compliance.api,
+        fedcrm.compliance.consent,
+        fedcrm.compliance.core,
+    ],
     ids=lambda m: m.__name__,
 )
 def test_exported_members(module: object) -> None:

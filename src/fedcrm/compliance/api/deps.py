@@ -14,18 +14,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi import Depends, HTTPException, Query, Request, Security, status
 from fastapi.security import APIKeyHeader
 from sqlalchemy.orm import Session, sessionmaker
 
 from fedcrm.compliance.apikeys import ApiKeyStore, Principal
 from fedcrm.compliance.audit._log import AuditLog
-from fedcrm.compliance.consent import ConsentRegistry
+from fedcrm.compliance.consent import NAME_PATTERN, ConsentRegistry
 from fedcrm.compliance.core.config import Settings, get_settings
 from fedcrm.compliance.enums import Role
 from fedcrm.compliance.ledger import PrivacyLedger
+from fedcrm.compliance.schemas import ErrorPublic
 
 API_KEY_HEADER = "X-API-Key"
+
+KEY_ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorPublic, "description": "No or invalid API key."},
+}
+"""OpenAPI ``responses`` of a route any valid key may call."""
+ROLE_ERRORS: dict[int | str, dict[str, object]] = {
+    **KEY_ERRORS,
+    403: {"model": ErrorPublic, "description": "Wrong role, or another branch."},
+}
+"""OpenAPI ``responses`` of a route limited to some roles, a branch key to its own branch."""
+OFFICER_ERRORS: dict[int | str, dict[str, object]] = {
+    **KEY_ERRORS,
+    403: {"model": ErrorPublic, "description": "Not an officer key."},
+}
+"""OpenAPI ``responses`` of an officer-only route."""
+
+NameQuery = Annotated[str | None, Query(pattern=NAME_PATTERN)]
+"""An optional filter by the name of a branch, model, run or purpose."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fedcrm.compliance.api.deps import CurrentPrincipal, Services
+from fedcrm.compliance.api.deps import KEY_ERRORS, CurrentPrincipal, Services
 from fedcrm.compliance.api.routes import audit, consent, ledger, lineage, pages, ropa
 from fedcrm.compliance.core.config import Settings, get_settings
 from fedcrm.compliance.db import open_store
@@ -70,7 +70,7 @@ async def _compliance_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ConsentImportError):
         body = ErrorPublic(
             detail=f"consent import refused, nothing imported: {len(exc.errors)} bad row(s)",
-            errors=[ImportRowErrorPublic(line=e.line, reason=e.reason) for e in exc.errors],
+            errors=[ImportRowErrorPublic.model_validate(e) for e in exc.errors],
         )
     elif isinstance(exc, ConsentValidationError):
         body = ErrorPublic(detail="invalid consent change", problems=exc.problems)
@@ -191,10 +191,10 @@ def create_app(
     @app.get(
         "/me",
         tags=["service"],
-        responses={401: {"model": ErrorPublic, "description": "No or invalid API key."}},
+        responses=KEY_ERRORS,
     )
     def me(principal: CurrentPrincipal) -> PrincipalPublic:
         """Return the role (and branch) of the calling API key."""
-        return PrincipalPublic.from_domain(principal)
+        return PrincipalPublic.model_validate(principal)
 
     return app

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fedcrm.compliance._types import utcnow
 from fedcrm.compliance.audit._merkle import leaf_hash
 from fedcrm.compliance.enums import EventType
-from fedcrm.compliance.errors import AuditError, BodyUnavailable, ExportFormatError
+from fedcrm.compliance.errors import AuditError, BodyUnavailable, ExportFormatError, malformed_as
 
 LEAF_FORMAT_VERSION = 1
 """Version of the leaf encoding, stored in every leaf as ``"v"``."""
@@ -197,7 +197,7 @@ class LogEntry:
         Raises:
             ExportFormatError: A field is missing or has the wrong type or format.
         """
-        try:
+        with malformed_as(ExportFormatError, "audit entry"):
             if data["v"] != LEAF_FORMAT_VERSION:
                 raise ExportFormatError(f"unknown leaf format version {data['v']!r}")
             index = data["seq"]
@@ -216,12 +216,6 @@ class LogEntry:
                 nonce=b64decode(str(data["nonce"]), what=f"entry {index} nonce"),
                 ciphertext=b64decode(str(data["ct"]), what=f"entry {index} ciphertext"),
             )
-        except KeyError as exc:
-            raise ExportFormatError(f"audit entry lacks field {exc.args[0]!r}") from exc
-        except ValueError as exc:
-            if isinstance(exc, ExportFormatError):
-                raise
-            raise ExportFormatError(f"invalid audit entry: {exc}") from exc
 
 
 def new_body_key() -> bytes:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedcrm.compliance.audit._events import b64decode, b64encode
 from fedcrm.compliance.audit._merkle import HASH_SIZE
-from fedcrm.compliance.errors import ExportFormatError, KeyFileError, SignatureError
+from fedcrm.compliance.errors import ExportFormatError, KeyFileError, SignatureError, malformed_as
 
 SIGNATURE_ALGORITHM = "ed25519"
 _SIGNING_CONTEXT = b"fedcrm-audit-checkpoint-v1\x00"
@@ -259,7 +259,7 @@ class SignedCheckpoint:
         Raises:
             ExportFormatError: A field is missing or malformed.
         """
-        try:
+        with malformed_as(ExportFormatError, "checkpoint"):
             if data.get("signature_algorithm", SIGNATURE_ALGORITHM) != SIGNATURE_ALGORITHM:
                 raise ExportFormatError(
                     f"unsupported signature algorithm {data['signature_algorithm']!r}"
@@ -278,12 +278,6 @@ class SignedCheckpoint:
                 public_key=b64decode(str(data["public_key"]), what="checkpoint public key"),
                 signature=b64decode(str(data["signature"]), what="checkpoint signature"),
             )
-        except KeyError as exc:
-            raise ExportFormatError(f"checkpoint lacks field {exc.args[0]!r}") from exc
-        except ValueError as exc:
-            if isinstance(exc, ExportFormatError):
-                raise
-            raise ExportFormatError(f"invalid checkpoint: {exc}") from exc
 
     def save(self, path: Path) -> None:
         """Write the checkpoint to a JSON file (keep it apart from the log, for ``--since``)."""

@@ -18,15 +18,15 @@ collected with the entry index or checkpoint it concerns; nothing stops at the f
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fedcrm.compliance._files import write_atomically
 from fedcrm.compliance._types import utcnow
 from fedcrm.compliance.audit._events import LogEntry, b64encode, canonical_json, format_time
 from fedcrm.compliance.audit._merkle import MerkleTree, leaf_hash, verify_consistency
@@ -164,24 +164,13 @@ def write_export(
         "checkpoints": len(checkpoints),
         "public_keys": keys,
     }
+    lines = itertools.chain(
+        [header],
+        ({"kind": "entry", **entry.to_json(), "leaf_hash": leaf.hex()} for entry, leaf in entries),
+        ({"kind": "checkpoint", **cp.to_json()} for cp in checkpoints),
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(json.dumps(header, sort_keys=True) + "\n")
-            for entry, recorded in entries:
-                line = {"kind": "entry", **entry.to_json(), "leaf_hash": recorded.hex()}
-                handle.write(json.dumps(line, sort_keys=True) + "\n")
-            for cp in checkpoints:
-                handle.write(
-                    json.dumps({"kind": "checkpoint", **cp.to_json()}, sort_keys=True) + "\n"
-                )
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, (json.dumps(line, sort_keys=True) + "\n" for line in lines))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from fedcrm.compliance.audit._signing import (
     load_signing_key,
 )
 from fedcrm.compliance.audit._verify import verify_export
-from fedcrm.compliance.db import open_store, sqlite_url
+from fedcrm.compliance.db import open_store, store_url
 from fedcrm.compliance.errors import ComplianceError
 
 EXIT_FAILED = 1
@@ -38,10 +38,6 @@ _DB_HELP = (
     "Compliance store: a SQLAlchemy URL (sqlite:///FILE, postgresql+psycopg://...) or a path "
     "to a SQLite file."
 )
-
-
-def _url(db: str) -> str:
-    return db if "://" in db else sqlite_url(db)
 
 
 def _fail(message: str, code: int = EXIT_UNUSABLE) -> typer.Exit:
@@ -133,7 +129,7 @@ def export(
 ) -> None:
     """Export the audit log to a self-contained file for offline verification."""
     try:
-        log = AuditLog(open_store(_url(db), migrate=False))
+        log = AuditLog(open_store(store_url(db), migrate=False))
         if sign_key is not None:
             log.checkpoint(load_signing_key(sign_key))
         log.export(out)
@@ -157,7 +153,9 @@ def checkpoint(
 ) -> None:
     """Sign a checkpoint (tree size, root hash, time) of the whole log."""
     try:
-        signed = AuditLog(open_store(_url(db), migrate=False)).checkpoint(load_signing_key(key))
+        signed = AuditLog(open_store(store_url(db), migrate=False)).checkpoint(
+            load_signing_key(key)
+        )
     except ComplianceError as exc:
         raise _fail(str(exc)) from exc
     if out is not None:

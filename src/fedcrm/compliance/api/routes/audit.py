@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from fedcrm.compliance._types import utcnow
-from fedcrm.compliance.api.deps import AuditDep, CurrentOfficer
+from fedcrm.compliance.api.deps import OFFICER_ERRORS, AuditDep, CurrentOfficer
 from fedcrm.compliance.schemas import (
     AuditStatusPublic,
     CheckpointPublic,
@@ -24,18 +24,14 @@ from fedcrm.compliance.schemas import (
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorPublic, "description": "No or invalid API key."},
-    403: {"model": ErrorPublic, "description": "Not an officer key."},
-}
 _PROOF_ERRORS: dict[int | str, dict[str, object]] = {
-    **_ERRORS,
+    **OFFICER_ERRORS,
     404: {"model": ErrorPublic, "description": "Index or tree size out of range."},
 }
 Size = Annotated[int, Query(ge=0, le=2**62)]
 
 
-@router.get("/status", responses=_ERRORS)
+@router.get("/status", responses=OFFICER_ERRORS)
 def audit_status(principal: CurrentOfficer, audit: AuditDep) -> AuditStatusPublic:
     """Verify the stored log now and return its size, root and latest checkpoint."""
     report = audit.verify()
@@ -52,7 +48,7 @@ def audit_status(principal: CurrentOfficer, audit: AuditDep) -> AuditStatusPubli
     )
 
 
-@router.get("/checkpoints", responses=_ERRORS)
+@router.get("/checkpoints", responses=OFFICER_ERRORS)
 def checkpoints(principal: CurrentOfficer, audit: AuditDep) -> list[CheckpointPublic]:
     """Return every signed checkpoint, oldest first."""
     return [CheckpointPublic.from_domain(checkpoint) for checkpoint in audit.checkpoints()]
@@ -87,7 +83,7 @@ def consistency_proof(
 @router.get(
     "/export",
     responses={
-        **_ERRORS,
+        **OFFICER_ERRORS,
         200: {
             "content": {"application/x-ndjson": {}},
             "description": "The log as JSON lines, for `fedcrm audit verify`.",

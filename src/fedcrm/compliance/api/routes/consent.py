@@ -6,13 +6,15 @@ researcher key only reads coverage counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query, status
 
 from fedcrm.compliance._types import utcnow
 from fedcrm.compliance.api.deps import (
+    ROLE_ERRORS,
     CurrentAnyRole,
     CurrentCustomerReader,
     CurrentOfficer,
@@ -21,9 +23,9 @@ from fedcrm.compliance.api.deps import (
     ensure_branch,
     scope_branch,
 )
+from fedcrm.compliance.consent import ACTOR_PATTERN, NAME_PATTERN
 from fedcrm.compliance.enums import Purpose
 from fedcrm.compliance.schemas import (
-    NAME_PATTERN,
     ConsentEraseCreate,
     ConsentGiveCreate,
     ConsentRecordPublic,
@@ -50,13 +52,24 @@ AtQuery = Annotated[
 ]
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorPublic, "description": "No or invalid API key."},
-    403: {"model": ErrorPublic, "description": "Wrong role, or another branch."},
+    **ROLE_ERRORS,
     404: {"model": ErrorPublic, "description": "No consent record for this customer."},
     409: {"model": ErrorPublic, "description": "The change does not follow from the status."},
     410: {"model": ErrorPublic, "description": "The customer was erased."},
     422: {"model": ErrorPublic, "description": "Invalid request (every problem listed)."},
 }
+
+
+_Change = TypeVar("_Change", bound=Callable[..., ConsentRecordPublic])
+
+
+def _change(action: str) -> Callable[[_Change], _Change]:
+    """Register a consent change: ``POST /{branch}/customers/{customer_id}/<action>``, 201."""
+    return router.post(
+        f"/{{branch}}/customers/{{customer_id}}/{action}",
+        responses=_ERRORS,
+        status_code=status.HTTP_201_CREATED,
+    )
 
 
 def _aware(at: datetime | None) -> datetime:
@@ -70,11 +83,7 @@ def _aware(at: datetime | None) -> datetime:
     return at
 
 
-@router.post(
-    "/{branch}/customers/{customer_id}/give",
-    responses=_ERRORS,
-    status_code=status.HTTP_201_CREATED,
-)
+@_change("give")
 def give_consent(
     branch: BranchPath,
     customer_id: CustomerPath,
@@ -87,7 +96,7 @@ def give_consent(
     view = registry.give(
         branch=branch,
         subject=customer_id,
-        purposes={grant.purpose: grant.legal_basis for grant in body.purposes},
+        purposes=body.legal_bases(),
         notice=body.notice.to_domain(),
         channel=body.channel,
         actor=body.actor,
@@ -98,11 +107,7 @@ def give_consent(
     return ConsentRecordPublic.from_domain(view)
 
 
-@router.post(
-    "/{branch}/customers/{customer_id}/refuse",
-    responses=_ERRORS,
-    status_code=status.HTTP_201_CREATED,
-)
+@_change("refuse")
 def refuse_consent(
     branch: BranchPath,
     customer_id: CustomerPath,
@@ -115,7 +120,7 @@ def refuse_consent(
     view = registry.refuse(
         branch=branch,
         subject=customer_id,
-        purposes={grant.purpose: grant.legal_basis for grant in body.purposes},
+        purposes=body.legal_bases(),
         notice=body.notice.to_domain(),
         channel=body.channel,
         actor=body.actor,
@@ -125,11 +130,7 @@ def refuse_consent(
     return ConsentRecordPublic.from_domain(view)
 
 
-@router.post(
-    "/{branch}/customers/{customer_id}/withdraw",
-    responses=_ERRORS,
-    status_code=status.HTTP_201_CREATED,
-)
+@_change("withdraw")
 def withdraw_consent(
     branch: BranchPath,
     customer_id: CustomerPath,
@@ -150,11 +151,7 @@ def withdraw_consent(
     return ConsentRecordPublic.from_domain(view)
 
 
-@router.post(
-    "/{branch}/customers/{customer_id}/renew",
-    responses=_ERRORS,
-    status_code=status.HTTP_201_CREATED,
-)
+@_change("renew")
 def renew_consent(
     branch: BranchPath,
     customer_id: CustomerPath,
@@ -222,10 +219,7 @@ def read_status(
         customer_id=customer_id,
         at=moment,
         erased=view.erased,
-        purposes=[
-            PurposeStatusPublic.from_domain(s, erased=view.erased)
-            for _, s in sorted(view.status_at(moment).items())
-        ],
+        purposes=PurposeStatusPublic.of_record(view, moment),
     )
 
 
@@ -238,7 +232,7 @@ def read_receipt(
 ) -> ReceiptPublic:
     """Return the customer's JSON consent receipt."""
     ensure_branch(principal, branch)
-    return ReceiptPublic.from_domain(registry.receipt(branch=branch, subject=customer_id))
+    return ReceiptPublic.model_validate(registry.receipt(branch=branch, subject=customer_id))
 
 
 @router.get("/{branch}/valid", responses=_ERRORS)
@@ -268,7 +262,7 @@ def coverage(
     """Return consent counts per branch and purpose (aggregates; a branch key: its own)."""
     scoped = scope_branch(principal, branch)
     counts = registry.coverage(at=_aware(at), branch=scoped)
-    return [CoveragePublic.from_domain(count) for count in counts]
+    return [CoveragePublic.model_validate(count) for count in counts]
 
 
 @router.post(
@@ -292,7 +286,7 @@ def import_csv(
             description="The branch's consent CSV (UTF-8), all or nothing.",
         ),
     ],
-    actor: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.:/\-]{1,128}$")] = "branch-import",
+    actor: Annotated[str, Query(pattern=ACTOR_PATTERN)] = "branch-import",
 ) -> ImportSummaryPublic:
     """Import a branch's consent CSV: every row is checked, nothing is half-imported."""
     ensure_branch(principal, branch)
@@ -302,4 +296,4 @@ def import_csv(
             detail=f"the file exceeds {settings.max_upload_bytes} bytes; split it",
         )
     summary = registry.import_csv(branch=branch, source=csv_text, actor=actor)
-    return ImportSummaryPublic.from_domain(summary)
+    return ImportSummaryPublic.model_validate(summary)

@@ -8,44 +8,39 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
 
 from fedcrm.compliance.api.deps import (
+    ROLE_ERRORS,
     CurrentAnyRole,
     CurrentCustomerReader,
     LedgerDep,
+    NameQuery,
     scope_branch,
 )
+from fedcrm.compliance.consent import NAME_PATTERN
 from fedcrm.compliance.enums import Decision
 from fedcrm.compliance.ledger import LedgerEntry
 from fedcrm.compliance.schemas import (
-    NAME_PATTERN,
     BurnDownPointPublic,
     BurnDownPublic,
-    ErrorPublic,
     LedgerEntryPublic,
     LedgerTotalPublic,
 )
 
 router = APIRouter(prefix="/ledger", tags=["ledger"])
 
-NameQuery = Annotated[str | None, Query(pattern=NAME_PATTERN)]
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorPublic, "description": "No or invalid API key."},
-    403: {"model": ErrorPublic, "description": "Wrong role, or another branch."},
-}
 
-
-@router.get("/totals", responses=_ERRORS)
+@router.get("/totals", responses=ROLE_ERRORS)
 def totals(
     principal: CurrentAnyRole, ledger: LedgerDep, branch: NameQuery = None
 ) -> list[LedgerTotalPublic]:
     """Return the cumulative ε of every (branch, model, purpose)."""
     scoped = scope_branch(principal, branch)
-    return [LedgerTotalPublic.from_domain(total) for total in ledger.totals(branch=scoped)]
+    return [LedgerTotalPublic.model_validate(total) for total in ledger.totals(branch=scoped)]
 
 
-@router.get("/entries", responses=_ERRORS)
+@router.get("/entries", responses=ROLE_ERRORS)
 def entries(
     principal: CurrentCustomerReader,
     ledger: LedgerDep,
@@ -60,10 +55,10 @@ def entries(
     found = ledger.entries(
         run_id=run_id, branch=scoped, model=model, purpose=purpose, decision=decision
     )
-    return [LedgerEntryPublic.from_domain(entry) for entry in found]
+    return [LedgerEntryPublic.model_validate(entry) for entry in found]
 
 
-@router.get("/runs/{run_id}", responses=_ERRORS)
+@router.get("/runs/{run_id}", responses=ROLE_ERRORS)
 def run_entries(
     run_id: Annotated[str, Path(pattern=NAME_PATTERN)],
     principal: CurrentCustomerReader,
@@ -72,7 +67,7 @@ def run_entries(
     """Return every entry of one run (a branch key: its own branch's)."""
     scoped = scope_branch(principal, None)
     found = ledger.entries(run_id=run_id, branch=scoped)
-    return [LedgerEntryPublic.from_domain(entry) for entry in found]
+    return [LedgerEntryPublic.model_validate(entry) for entry in found]
 
 
 def burn_down_series(entries: list[LedgerEntry]) -> list[BurnDownPublic]:
@@ -90,12 +85,7 @@ def burn_down_series(entries: list[LedgerEntry]) -> list[BurnDownPublic]:
         budget = budgets[-1] if budgets else None
         spent = max((item.cumulative_epsilon for item in items), default=0.0)
         points = [
-            BurnDownPointPublic(
-                run_id=item.run_id,
-                round=item.round,
-                cumulative_epsilon=item.cumulative_epsilon,
-                recorded_at=item.recorded_at,
-            )
+            BurnDownPointPublic.model_validate(item)
             for item in items
             if item.decision is Decision.ADMITTED and item.recorded_at is not None
         ]
@@ -114,7 +104,7 @@ def burn_down_series(entries: list[LedgerEntry]) -> list[BurnDownPublic]:
     return series
 
 
-@router.get("/burn-down", responses=_ERRORS)
+@router.get("/burn-down", responses=ROLE_ERRORS)
 def burn_down(
     principal: CurrentAnyRole,
     ledger: LedgerDep,

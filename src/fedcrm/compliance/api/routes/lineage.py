@@ -10,20 +10,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, status
 
 from fedcrm.compliance.api.deps import (
+    ROLE_ERRORS,
     CurrentAnyRole,
     CurrentCustomerReader,
+    NameQuery,
     ServicesDep,
     ensure_branch,
     scope_branch,
 )
+from fedcrm.compliance.consent import NAME_PATTERN
 from fedcrm.compliance.errors import ManifestError, ProofError
 from fedcrm.compliance.lineage import LineageStore
 from fedcrm.compliance.manifest import verify_membership
 from fedcrm.compliance.schemas import (
-    NAME_PATTERN,
     ErrorPublic,
     LineageRunPublic,
     ManifestPublic,
@@ -35,33 +37,27 @@ from fedcrm.compliance.schemas import (
 
 router = APIRouter(prefix="/lineage", tags=["lineage"])
 
-NameQuery = Annotated[str | None, Query(pattern=NAME_PATTERN)]
-_ERRORS: dict[int | str, dict[str, object]] = {
-    401: {"model": ErrorPublic, "description": "No or invalid API key."},
-    403: {"model": ErrorPublic, "description": "Wrong role, or another branch."},
-}
-
 
 def _store(services: ServicesDep) -> LineageStore:
     return LineageStore(services.factory, audit=services.audit)
 
 
-@router.get("/runs", responses=_ERRORS)
+@router.get("/runs", responses=ROLE_ERRORS)
 def runs(principal: CurrentAnyRole, services: ServicesDep) -> list[LineageRunPublic]:
     """Return per-run aggregates: rounds, branches, manifests, rows used and excluded, models."""
-    return [LineageRunPublic.from_domain(run) for run in _store(services).runs()]
+    return [LineageRunPublic.model_validate(run) for run in _store(services).runs()]
 
 
-@router.get("/releases", responses=_ERRORS)
+@router.get("/releases", responses=ROLE_ERRORS)
 def releases(
     principal: CurrentAnyRole, services: ServicesDep, run_id: NameQuery = None
 ) -> list[ModelReleasePublic]:
     """Return released models (file hash and last round included)."""
     found = _store(services).releases(run_id=run_id)
-    return [ModelReleasePublic.from_domain(release) for release in found]
+    return [ModelReleasePublic.model_validate(release) for release in found]
 
 
-@router.get("/manifests", responses=_ERRORS)
+@router.get("/manifests", responses=ROLE_ERRORS)
 def manifests(
     principal: CurrentCustomerReader,
     services: ServicesDep,
@@ -71,10 +67,10 @@ def manifests(
     """Return recorded round manifests (a branch key: its own branch's)."""
     scoped = scope_branch(principal, branch)
     found = _store(services).manifests(branch=scoped, run_id=run_id)
-    return [ManifestPublic.from_domain(record) for record in found]
+    return [ManifestPublic.model_validate(record) for record in found]
 
 
-@router.get("/branches/{branch}/uses", responses=_ERRORS)
+@router.get("/branches/{branch}/uses", responses=ROLE_ERRORS)
 def uses(
     branch: Annotated[str, Path(pattern=NAME_PATTERN)],
     principal: CurrentCustomerReader,
@@ -84,12 +80,12 @@ def uses(
     """Return every round that used the branch's data, with the models that include it."""
     ensure_branch(principal, branch)
     found = _store(services).uses(branch=branch, run_id=run_id)
-    return [RoundUsePublic.from_domain(use) for use in found]
+    return [RoundUsePublic.model_validate(use) for use in found]
 
 
 @router.post(
     "/membership",
-    responses={**_ERRORS, 404: {"model": ErrorPublic, "description": "No such manifest."}},
+    responses={**ROLE_ERRORS, 404: {"model": ErrorPublic, "description": "No such manifest."}},
 )
 def check_membership(
     body: MembershipCheckCreate, principal: CurrentCustomerReader, services: ServicesDep

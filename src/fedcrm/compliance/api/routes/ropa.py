@@ -5,19 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from fedcrm.compliance._types import utcnow
-from fedcrm.compliance.api.deps import CurrentOfficer, RegistryDep, SettingsDep
-from fedcrm.compliance.schemas import ErrorPublic, RopaPublic, RopaRecordPublic
+from fedcrm.compliance.api.deps import OFFICER_ERRORS, CurrentOfficer, RegistryDep, SettingsDep
+from fedcrm.compliance.schemas import RopaPublic, RopaRecordPublic
 
 router = APIRouter(prefix="/ropa", tags=["records of processing"])
 
 
-@router.get(
-    "",
-    responses={
-        401: {"model": ErrorPublic, "description": "No or invalid API key."},
-        403: {"model": ErrorPublic, "description": "Not an officer key."},
-    },
-)
+@router.get("", responses=OFFICER_ERRORS)
 def records_of_processing(
     principal: CurrentOfficer, settings: SettingsDep, registry: RegistryDep
 ) -> RopaPublic:
