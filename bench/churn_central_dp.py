@@ -8,13 +8,14 @@ Usage:
 How it is measured (printed with the results):
 
 * Data, branches and splits are those of ``examples/telco_dirichlet.toml`` (10 branches,
-  Dirichlet(0.5) label skew) and ``examples/mlc_by_state.toml`` (51 branches), written and read
-  back as ``fedcrm simulate`` does, with the federated scaler.
+  Dirichlet(0.5) label skew) and ``examples/mlc_by_state.toml`` (51 branches), written by the
+  churn task's experiment and read back through the task as ``fedcrm simulate`` does, with the
+  federated scaler (``bench/_churn_federation.py``).
 * The federation runs **in process** (no Ray) through the product's server path:
   ``ValidatedStrategy(CentralDPStrategy(FedAvg))`` from ``fedcrm.strategies`` with Flower's
   ``DifferentialPrivacyServerSide{Fixed,Adaptive}Clipping`` inside, configure_train /
-  aggregate_train each round; branches train with ``fedcrm.client.branch.train`` (the
-  ClientApp's code). The non-private row is the same loop with plain FedAvg (weighted by rows).
+  aggregate_train each round; branches train with the churn task's ``train`` (the ClientApp's
+  code). The non-private row is the same loop with plain FedAvg (weighted by rows).
 * The model of the round with the best pooled validation ROC-AUC is scored on the pooled test
   rows, as ``run_federation`` does (validation-based selection is not covered by the DP
   guarantee, as in the product).
@@ -29,30 +30,25 @@ import logging
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.task_identity import TaskIdentity
-from sklearn.metrics import roc_auc_score
 
-from fedcrm import constants as k
-from fedcrm.client import branch
-from fedcrm.data.preprocess import Scaler, encode
-from fedcrm.data.schema import ChurnSchema
-from fedcrm.data.split import Split
-from fedcrm.models.churn import TrainSettings, build_model, model_from_state, predict_proba
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _churn_federation import ChurnFederation, prepare, roc_auc
+from fedcrm import wire as k
 from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
-from fedcrm.simulation.config import ExperimentConfig, load_experiment
-from fedcrm.strategies.central_dp import CentralDPStrategy
-from fedcrm.strategies.factory import build_strategy
-from fedcrm.strategies.validated import ValidatedStrategy
+from fedcrm.simulation import in_process_identity
+from fedcrm.strategies import CentralDPStrategy, ValidatedStrategy, build_strategy
+from fedcrm.tasks import Arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
@@ -60,18 +56,6 @@ EXAMPLES = {
     "mlc": ROOT / "examples" / "mlc_by_state.toml",
 }
 DELTA = 1e-5
-
-
-@dataclass
-class Federation:
-    cfg: ExperimentConfig
-    schema: ChurnSchema
-    splits: list[Split]
-    scaler: Scaler
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
 
 
 class _Grid:
@@ -82,23 +66,12 @@ class _Grid:
         return self.nodes
 
 
-def prepare(name: str, workdir: Path, rounds: int | None) -> Federation:
-    from fedcrm.simulation.runner import pooled_splits, write_branches
+def _record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
 
-    cfg = load_experiment(EXAMPLES[name])
-    if rounds is not None:
-        cfg = replace(cfg, federation=replace(cfg.federation, num_rounds=rounds))
-    run_dir = workdir / name
-    run_dir.mkdir(parents=True)
-    schema, infos = write_branches(cfg, run_dir)
-    splits, scaler = pooled_splits(run_dir, schema, infos, cfg.federation.seed)
 
-    def enc(frames: list[pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
-        return encode(pd.concat(frames, ignore_index=True), schema, scaler)
-
-    x_val, y_val = enc([s.val for s in splits])
-    x_test, y_test = enc([s.test for s in splits])
-    return Federation(cfg, schema, splits, scaler, x_val, y_val, x_test, y_test)
+def _arrays(record: ArrayRecord) -> Arrays:
+    return {name: record[name].numpy() for name in record}
 
 
 def _reply(arrays: ArrayRecord, n: int, node: int) -> Message:
@@ -129,67 +102,57 @@ class Outcome:
     median_update_norm: float
 
 
-def federate(fed: Federation, central: CentralDPConfig | None, *, seed: int) -> Outcome:
-    f = fed.cfg.federation
-    settings = TrainSettings(
-        epochs=f.local_epochs,
-        batch_size=f.batch_size,
-        lr=f.lr,
-        weight_decay=f.weight_decay,
-        optimizer="adam" if f.optimizer == "adam" else "sgd",
-        momentum=f.momentum,
+def federate(fed: ChurnFederation, central: CentralDPConfig | None, *, seed: int) -> Outcome:
+    f, task = fed.cfg.federation, fed.task
+    nodes = list(range(1, len(fed.data) + 1))
+    inner = build_strategy(
+        f.strategy,
+        num_nodes=len(nodes),
+        evaluate_metrics=partial(task.aggregate_evaluation, fed.settings),
+        fraction_train=f.fraction_train,
     )
-    nodes = list(range(1, len(fed.splits) + 1))
-    inner = build_strategy(f.strategy, num_nodes=len(nodes), fraction_train=f.fraction_train)
     dp: CentralDPStrategy | None = None
     core: Strategy = inner
     if central is not None:
         dp = CentralDPStrategy(inner, central, rounds=f.num_rounds)
         core = dp
     strategy = ValidatedStrategy(core)
-    model = build_model(fed.schema.input_dim, seed=f.seed, hidden=f.hidden)
-    arrays = ArrayRecord(model.state_dict())
-    best = (-np.inf, 0, arrays)
+    arrays = _record(fed.initial())
+    best: tuple[float, int, Arrays] = (-np.inf, 0, _arrays(arrays))
     norms: list[float] = []
+    node_states = {node: RecordDict() for node in nodes}
     start = time.perf_counter()
     for rnd in range(1, f.num_rounds + 1):
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), _Grid(nodes)))  # type: ignore[arg-type]
-        state = arrays.to_torch_state_dict()
+        state = _arrays(arrays)
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            split = fed.splits[node - 1]
-            out = branch.train(
-                split, fed.schema, fed.scaler, state, settings, seed=seed + 1000 * rnd + node
-            )
+            pid = node - 1
+            ctx = fed.context(pid, rnd, seed=seed, state=node_states[node])
+            out = task.train(fed.data[pid], state, fed.settings, ctx)
             if rnd == 1:
                 norms.append(
                     math.sqrt(
-                        sum(float(((out.state_dict[n] - state[n]) ** 2).sum()) for n in state)
+                        sum(
+                            float(((out.arrays[n].astype(np.float64) - state[n]) ** 2).sum())
+                            for n in state
+                        )
                     )
                 )
-            replies.append(_reply(ArrayRecord(out.state_dict), out.num_examples, node))
+            replies.append(_reply(_record(out.arrays), out.num_examples, node))
         new, _ = strategy.aggregate_train(rnd, replies)
         if new is None:
             raise SystemExit(f"round {rnd}: no aggregate")
         arrays = new
-        val = float(
-            roc_auc_score(
-                fed.y_val, predict_proba(model_from_state(arrays.to_torch_state_dict()), fed.x_val)
-            )
-        )
+        current = _arrays(arrays)
+        val = roc_auc(current, fed.val)
         if np.isfinite(val) and val > best[0]:
-            best = (val, rnd, arrays)
+            best = (val, rnd, current)
     seconds = time.perf_counter() - start
     val_auc, best_round, best_arrays = best
-    test_auc = float(
-        roc_auc_score(
-            fed.y_test,
-            predict_proba(model_from_state(best_arrays.to_torch_state_dict()), fed.x_test),
-        )
-    )
     return Outcome(
-        test_auc,
+        roc_auc(best_arrays, fed.test),
         float(val_auc),
         best_round,
         dp.accountant.epsilon() if dp is not None else math.inf,
@@ -215,20 +178,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # one line per clip and noise otherwise
-    for name in ("_run_id", "_task_id", "_node_id"):  # messages built in process need one
-        setattr(TaskIdentity, name, 1)
     print(f"# churn ROC-AUC under branch-level central DP ({platform.node()}, torch 1 thread)")
     print("# in-process ValidatedStrategy(CentralDPStrategy(FedAvg)), Flower DP wrappers; no Ray")
-    with tempfile.TemporaryDirectory(prefix="fedcrm-central-dp-bench-") as tmp:
+    overrides = {} if args.rounds is None else {"num_rounds": args.rounds}
+    with (
+        tempfile.TemporaryDirectory(prefix="fedcrm-central-dp-bench-") as tmp,
+        in_process_identity(),  # messages built in process need one
+    ):
         for name in args.datasets:
-            fed = prepare(name, Path(tmp), args.rounds)
-            f = fed.cfg.federation
-            sizes = [len(s.train) for s in fed.splits]
+            fed = prepare(EXAMPLES[name], Path(tmp) / name, overrides)
+            f, s = fed.cfg.federation, fed.settings
+            sizes = [fed.task.num_examples(d) for d in fed.data]
             print(
-                f"\n## {name}: {len(fed.splits)} branches ({min(sizes)}-{max(sizes)} training "
-                f"rows), {f.num_rounds} rounds x {f.local_epochs} local epoch(s), batch "
-                f"{f.batch_size}, lr {f.lr}, {f.optimizer} momentum {f.momentum}, hidden "
-                f"'{f.hidden_layers}'; branch-level, delta {DELTA:g}, RDP, q = 1"
+                f"\n## {name}: {len(fed.data)} branches ({min(sizes)}-{max(sizes)} training "
+                f"rows), {f.num_rounds} rounds x {s.local_epochs} local epoch(s), batch "
+                f"{s.batch_size}, lr {s.lr}, {s.optimizer} momentum {s.momentum}, hidden "
+                f"'{s.hidden_layers}'; branch-level, delta {DELTA:g}, RDP, q = 1"
             )
             print("| mode | ε (branch) | z_eff | C (final) | best round | val AUC | test AUC | s |")
             print("|---|---|---|---|---|---|---|---|")

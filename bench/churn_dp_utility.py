@@ -8,47 +8,46 @@ How it is measured (printed with the results):
 
 * Data, branches and splits are those of ``examples/telco_dirichlet.toml`` (10 branches,
   Dirichlet(0.5) label skew) and ``examples/mlc_by_state.toml`` (51 branches, one per state),
-  written and read back exactly as ``fedcrm simulate`` does (``write_branches`` /
-  ``pooled_splits``), with the federated scaler.
+  written by the churn task's experiment and read back through the task exactly as
+  ``fedcrm simulate`` does, with the federated scaler (``bench/_churn_federation.py``).
 * The federation runs **in process** (no Ray): a FedAvg loop (weighted by training rows) over
-  the branch code that the ClientApp runs, ``fedcrm.client.dp_round.private_round`` (plan σ once
-  per federation and branch, budget check, DP-SGD with fast-linear clipping, persistent JSON
-  accountant) and, at ε = ∞, ``fedcrm.client.branch.train``. The model of the round with the
-  best pooled validation ROC-AUC is scored on the pooled test rows, as ``run_federation`` does.
+  the branch code that the ClientApp runs, ``fedcrm.client.dp_round.private_round`` with the
+  churn task (plan σ once per federation and branch, cached in the node's state, budget check,
+  DP-SGD with fast-linear clipping, persistent JSON accountant) and, at ε = ∞, the task's
+  ``train``. The model of the round with the best pooled validation ROC-AUC is scored on the
+  pooled test rows, as ``run_federation`` does.
 * Privacy: record-level (= customer-level: one row per customer), ε per branch for all rounds,
   δ = 1/n with n the branch's training rows, RDP accountant, add/remove-one neighbours. The
   ε column is the largest cumulative ε any branch reached. Not covered by the guarantee (as in
   the product): the federated scaler's moments and validation-based model selection.
 * Centralised baselines (non-private) are trained on the pooled training rows of the same split:
   logistic regression and the same MLP (``pooled_torch``, early-stopped on validation).
-* DP noise uses fixed seeds here so that the figures are reproducible; the product seeds DP
-  noise from the OS CSPRNG.
+* DP noise and Poisson sampling are seeded from the OS CSPRNG, as in the product (the branch
+  code takes no noise seed), so every run of the DP rows differs slightly.
 """
 
 import argparse
 import math
 import platform
+import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
+from flwr.app import RecordDict
 
-from fedcrm.client import branch, dp_round
-from fedcrm.data.preprocess import Scaler, encode
-from fedcrm.data.schema import ChurnSchema
-from fedcrm.data.split import Split
-from fedcrm.models.churn import TrainSettings, build_model, model_from_state, predict_proba
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _churn_federation import ChurnFederation, prepare, roc_auc
+from fedcrm.client import BranchPrivacy, private_round
 from fedcrm.privacy.dp_sgd import InsecureRNGWarning
 from fedcrm.privacy.federated import FederatedDPConfig
-from fedcrm.simulation.baselines import PooledData, logistic_regression, pooled_torch
-from fedcrm.simulation.config import ExperimentConfig, load_experiment
-from fedcrm.simulation.runner import pooled_splits, write_branches
+from fedcrm.tasks import Arrays
+from fedcrm.tasks.churn.baselines import PooledData, logistic_regression, pooled_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
@@ -59,153 +58,95 @@ TARGETS = {"telco": {3.0: 0.835, 1.0: 0.82}}
 
 
 @dataclass
-class Federation:
-    """Everything the in-process federation needs, encoded once."""
-
-    cfg: ExperimentConfig
-    schema: ChurnSchema
-    splits: list[Split]
-    names: list[str]
-    scaler: Scaler
-    pooled: PooledData
-    workdir: Path
-
-
-def prepare(name: str, workdir: Path, overrides: dict[str, object]) -> Federation:
-    cfg = load_experiment(EXAMPLES[name])
-    if overrides:
-        cfg = replace(cfg, federation=replace(cfg.federation, **overrides))
-    run_dir = workdir / name
-    run_dir.mkdir(parents=True)
-    schema, infos = write_branches(cfg, run_dir)
-    splits, scaler = pooled_splits(run_dir, schema, infos, cfg.federation.seed)
-
-    def enc(frames: list[pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
-        return encode(pd.concat(frames, ignore_index=True), schema, scaler)
-
-    x_tr, y_tr = enc([s.train for s in splits])
-    x_va, y_va = enc([s.val for s in splits])
-    x_te, y_te = enc([s.test for s in splits])
-    pooled = PooledData(x_tr, y_tr, x_va, y_va, x_te, y_te)
-    return Federation(cfg, schema, splits, [b.name for b in infos], scaler, pooled, run_dir)
-
-
-def settings_of(fed: Federation) -> TrainSettings:
-    f = fed.cfg.federation
-    return TrainSettings(
-        epochs=f.local_epochs,
-        batch_size=f.batch_size,
-        lr=f.lr,
-        weight_decay=f.weight_decay,
-        optimizer="adam" if f.optimizer == "adam" else "sgd",
-        momentum=f.momentum,
-    )
-
-
-@dataclass
 class Outcome:
     epsilon: float  # largest cumulative ε reached by a branch (inf: no DP)
     val_auc: float
     test_auc: float
     best_round: int
     seconds: float
-    state: dict[str, torch.Tensor]  # the round chosen on validation
+    state: Arrays  # the round chosen on validation
     sigma_range: tuple[float, float]
-    last_state: dict[str, torch.Tensor]  # the last round's global model
-    last_updates: list[dict[str, torch.Tensor]]  # each branch's update in the last round
+    last_state: Arrays  # the last round's global model
+    last_updates: list[Arrays]  # each branch's update in the last round
 
 
 def federate(
-    fed: Federation, epsilon: float, *, clip: float, seed: int = 0, tag: str = ""
+    fed: ChurnFederation, epsilon: float, *, clip: float, seed: int = 0, tag: str = ""
 ) -> Outcome:
     """FedAvg over the branch code; record-level DP-SGD on every branch unless ε = ∞."""
-    f = fed.cfg.federation
-    settings = settings_of(fed)
-    model = build_model(fed.schema.input_dim, seed=f.seed, hidden=f.hidden)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    f, task = fed.cfg.federation, fed.task
+    state = fed.initial()
     dp = (
         None
         if math.isinf(epsilon)
         else FederatedDPConfig(target_epsilon=epsilon, max_grad_norm=clip)
     )
-    plans = []
-    if dp is not None:
-        for split in fed.splits:
-            plans.append(
-                dp_round.plan_branch(
-                    dp, num_rows=len(split.train), settings=settings, rounds=f.num_rounds
-                )
-            )
-    best = (-np.inf, 0, state)
+    node_states = [RecordDict() for _ in fed.branches]  # each branch's Context.state
+    sigmas: set[float] = set()
+    best: tuple[float, int, Arrays] = (-np.inf, 0, state)
     spent = 0.0
+    updates: list[tuple[Arrays, int]] = []
     start = time.perf_counter()
     for rnd in range(1, f.num_rounds + 1):
-        updates: list[tuple[dict[str, torch.Tensor], int]] = []
-        for pid, split in enumerate(fed.splits):
-            round_seed = seed + 1000 * rnd + pid
+        updates = []
+        for pid, data in enumerate(fed.data):
+            ctx = fed.context(pid, rnd, seed=seed, state=node_states[pid])
             if dp is None:
-                out = branch.train(split, fed.schema, fed.scaler, state, settings, seed=round_seed)
-                updates.append((out.state_dict, out.num_examples))
+                update = task.train(data, state, fed.settings, ctx)
+                updates.append((update.arrays, update.num_examples))
                 continue
-            config, plan = plans[pid]
-            where = dp_round.BranchDPContext(
+            where = BranchPrivacy(
                 fed.workdir / f"privacy-{tag}-eps{epsilon:g}" / f"{pid:03d}", fed.names[pid]
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", InsecureRNGWarning)
-                res = dp_round.private_round(
-                    split,
-                    fed.schema,
-                    fed.scaler,
+                res = private_round(
+                    task,
+                    data,
                     state,
-                    settings,
+                    fed.settings,
+                    ctx,
                     dp=dp,
-                    config=config,
-                    plan=plan,
+                    rounds=f.num_rounds,
                     where=where,
-                    seed=round_seed,
                 )
-            if not res.report.admitted or res.state_dict is None:
+            if res.update is None:
                 raise SystemExit(f"unexpected refusal: {res.report.reason}")
             spent = max(spent, res.report.epsilon)
-            updates.append((res.state_dict, res.num_examples))
+            sigmas.add(res.report.noise_multiplier)
+            updates.append((res.update.arrays, res.update.num_examples))
         total = sum(n for _, n in updates)
-        state = {key: sum(s[key] * (n / total) for s, n in updates) for key in updates[0][0]}  # type: ignore[misc]
-        val_auc = float(
-            roc_auc_score(
-                fed.pooled.y_val, predict_proba(model_from_state(state), fed.pooled.x_val)
-            )
-        )
+        state = {
+            key: sum(u[key].astype(np.float64) * (n / total) for u, n in updates).astype(np.float32)
+            for key in updates[0][0]
+        }
+        val_auc = roc_auc(state, fed.val)
         if val_auc > best[0]:
             best = (val_auc, rnd, state)
     seconds = time.perf_counter() - start
     val_auc, best_round, best_state = best
-    test_auc = float(
-        roc_auc_score(
-            fed.pooled.y_test, predict_proba(model_from_state(best_state), fed.pooled.x_test)
-        )
-    )
-    sigmas = [p.noise_multiplier for _, p in plans] or [0.0]
+    found = sorted(sigmas) or [0.0]
     return Outcome(
         spent if dp is not None else math.inf,
         val_auc,
-        test_auc,
+        roc_auc(best_state, fed.test),
         best_round,
         seconds,
         best_state,
-        (min(sigmas), max(sigmas)),
+        (found[0], found[-1]),
         state,
         [u for u, _ in updates],
     )
 
 
-def baselines(fed: Federation) -> dict[str, float]:
+def baselines(fed: ChurnFederation) -> dict[str, float]:
     f = fed.cfg.federation
-    settings = replace(settings_of(fed), epochs=fed.cfg.baselines.torch_epochs)
+    pooled = PooledData(fed.train.x, fed.train.y, fed.val.x, fed.val.y, fed.test.x, fed.test.y)
+    settings = fed.settings.train_settings(epochs=fed.cfg.spec.baselines.torch_epochs)
     return {
-        "logistic regression": logistic_regression(fed.pooled, seed=f.seed).roc_auc,
+        "logistic regression": logistic_regression(pooled, seed=f.seed).roc_auc,
         "same MLP (pooled_torch)": pooled_torch(
-            fed.pooled, settings, seed=f.seed, hidden=f.hidden
+            pooled, settings, seed=f.seed, hidden=fed.settings.hidden
         ).roc_auc,
     }
 
@@ -222,7 +163,7 @@ def main() -> None:
     parser.add_argument("--hidden-layers", help="override hidden-layers ('' = logistic)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overrides = {
+    overrides: dict[str, Any] = {
         key: value
         for key, value in (
             ("num_rounds", args.rounds),
@@ -234,17 +175,17 @@ def main() -> None:
         if value is not None
     }
     print(f"# churn ROC-AUC under record-level DP ({platform.node()}, torch 1 thread)")
-    print("# in-process FedAvg over fedcrm.client.dp_round / branch code (not Ray); see docstring")
+    print("# in-process FedAvg over fedcrm.client.private_round / the churn task (not Ray)")
     with tempfile.TemporaryDirectory(prefix="fedcrm-dp-bench-") as tmp:
         for name in args.datasets:
-            fed = prepare(name, Path(tmp), overrides)
-            f = fed.cfg.federation
-            sizes = [len(s.train) for s in fed.splits]
+            fed = prepare(EXAMPLES[name], Path(tmp) / name, overrides)
+            f, s = fed.cfg.federation, fed.settings
+            sizes = [fed.task.num_examples(d) for d in fed.data]
             print(
-                f"\n## {name}: {len(fed.splits)} branches "
+                f"\n## {name}: {len(fed.data)} branches "
                 f"({min(sizes)}-{max(sizes)} training rows), "
-                f"{f.num_rounds} rounds x {f.local_epochs} local epoch(s), batch {f.batch_size}, "
-                f"lr {f.lr}, {f.optimizer} momentum {f.momentum}, hidden '{f.hidden_layers}', "
+                f"{f.num_rounds} rounds x {s.local_epochs} local epoch(s), batch {s.batch_size}, "
+                f"lr {s.lr}, {s.optimizer} momentum {s.momentum}, hidden '{s.hidden_layers}', "
                 f"C = {args.clip}, delta = 1/n per branch, RDP"
             )
             for label, auc in baselines(fed).items():

@@ -14,8 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from fedcrm.simulation.config import load_experiment
-from fedcrm.simulation.runner import run_experiment
+from fedcrm.simulation import load_experiment, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [
@@ -42,7 +41,9 @@ def main() -> None:
         fed = summary["federated"]["roc_auc"]
         central = {k: v["roc_auc"] for k, v in summary["centralised"].items()}
         best = max(central, key=lambda name: central[name])
-        rows.append((cfg.name, cfg.dataset, fed, best, central[best], central, seconds, run_dir))
+        rows.append(
+            (cfg.name, cfg.spec.dataset, fed, best, central[best], central, seconds, run_dir)
+        )
 
     header = ("experiment", "federated", "best centralised", "gap", "fed/best", "wall s")
     print("{:18} {:>9} {:>32} {:>8} {:>8} {:>7}".format(*header))

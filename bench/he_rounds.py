@@ -5,9 +5,11 @@ for a smoke run).
 
 What runs: the real code paths, in one process, without Ray: the server side is
 ``ValidatedStrategy(FedAvg)`` or ``ValidatedStrategy(HEAggregation(FedAvg))`` exactly as
-``run_federation`` builds it; each branch is the ``HEMod`` (HE only) around a handler doing what
-the ClientApp's train / evaluate handlers do (``fedcrm.client.branch.train`` / ``evaluate`` on
-its synthetic MLC split, churn MLP 22-64-32-1). Branches run one after the other, so a round's
+``run_federation`` builds it (``build_strategy`` with the churn task's pooled evaluation); each
+branch is the ``HEMod`` (HE only) around a handler doing what the ClientApp's train / evaluate
+handlers do (the churn task's ``train`` / ``evaluate`` on its synthetic MLC branch, written and
+read back by the task as ``fedcrm simulate`` does; churn MLP 22-64-32-1). Every message carries
+the federated scaler, as the product's do. Branches run one after the other, so a round's
 wall time here is the *sum* of all branch work plus the server's; the table also gives the
 per-branch and server shares, and their sum: the critical path of a deployment where branches
 work in parallel (one branch's train + evaluate work, plus the server's).
@@ -29,29 +31,35 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
-from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedcrm.client import branch
-from fedcrm.client.he_mod import HEMod
-from fedcrm.data.check import coerce_frame
-from fedcrm.data.preprocess import Scaler, combine_moments, local_moments
-from fedcrm.data.schema import get_schema
-from fedcrm.data.split import Split, split_frame
-from fedcrm.data.synthetic import synthetic_export
-from fedcrm.models.churn import TrainSettings, build_model
+from fedcrm import wire as k
+from fedcrm.client import HEMod
 from fedcrm.privacy import he, keys
-from fedcrm.strategies.he import HEAggregation
-from fedcrm.strategies.validated import ValidatedStrategy
+from fedcrm.simulation import in_process_identity, parse_experiment
+from fedcrm.strategies import HEAggregation, StrategyName, ValidatedStrategy, build_strategy
+from fedcrm.tasks import Arrays, BranchSource, RoundContext, Task, get_task
 
 ROWS_PER_BRANCH = 120
-SETTINGS = TrainSettings(epochs=1, batch_size=32, lr=0.01)
+
+
+def experiment(n: int) -> dict[str, Any]:
+    """``n`` synthetic MLC branches of about ``ROWS_PER_BRANCH`` customers (IID)."""
+    return {
+        "name": f"he-rounds-{n}",
+        "dataset": "synthetic:mlc",
+        "rows": n * ROWS_PER_BRANCH,
+        "seed": 1,
+        "partition": {"kind": "iid", "num-branches": n},
+        "federation": {"local-epochs": 1, "batch-size": 32, "lr": 0.01, "seed": 0},
+    }
 
 
 class _Grid:
@@ -75,31 +83,43 @@ def _wire(content: RecordDict) -> int:
     return int(recorddict_to_proto(content).ByteSize())
 
 
+def _arrays(record: ArrayRecord) -> Arrays:
+    return {name: record[name].numpy() for name in record}
+
+
 class Branch:
-    def __init__(self, node: int, split: Split, scaler: Scaler, mod: HEMod | None) -> None:
-        self.node, self.split, self.scaler, self.mod = node, split, scaler, mod
-        self.schema = get_schema("mlc")
+    """One branch: the task's train / evaluate on its data, behind the HE mod (HE runs)."""
+
+    def __init__(self, node: int, fed: "Branches", mod: HEMod | None) -> None:
+        self.node, self.task, self.settings, self.mod = node, fed.task, fed.settings, mod
+        self.data, self.folder = fed.data[node - 1], fed.folders[node - 1]
         self.context = Context(1, node, {}, RecordDict(), {})
 
-    def _handler(self, msg: Message, _ctxt: Context) -> Message:
-        state = msg.content.array_records["arrays"].to_torch_state_dict()
+    def _handler(self, msg: Message, ctxt: Context) -> Message:
+        arrays = _arrays(msg.content.array_records[k.ARRAYS])
+        config = dict(msg.content.config_records[k.CONFIG])
+        server_round = int(config.get(k.KEY_SERVER_ROUND, 0))  # type: ignore[call-overload]
+        ctx = RoundContext(  # as the ClientApp builds it (run seed 0, partition node - 1)
+            server_round=server_round,
+            seed=1000 * server_round + self.node - 1,
+            run_seed=0,
+            config=config,
+            state=ctxt.state,
+            folder=self.folder,
+        )
         if msg.metadata.message_type == "train":
-            out = branch.train(
-                self.split, self.schema, self.scaler, state, SETTINGS, seed=self.node
-            )
+            out = self.task.train(self.data, arrays, self.settings, ctx)
             content = RecordDict(
                 {
-                    "arrays": ArrayRecord(out.state_dict),
-                    "metrics": MetricRecord(
-                        {"num-examples": out.num_examples, "train-loss": out.train_loss}
+                    k.ARRAYS: ArrayRecord(
+                        {name: Array(np.ascontiguousarray(a)) for name, a in out.arrays.items()}
                     ),
+                    k.METRICS: MetricRecord({k.KEY_NUM_EXAMPLES: out.num_examples, **out.metrics}),
                 }
             )
         else:
-            ev = branch.evaluate(self.split, self.schema, self.scaler, state)
-            content = RecordDict(
-                {"metrics": MetricRecord({"num-examples": ev.num_examples, "loss": ev.loss_sum})}
-            )
+            values = self.task.evaluate(self.data, arrays, self.settings, ctx)
+            content = RecordDict({k.METRICS: MetricRecord(values)})  # type: ignore[arg-type]
         return Message(content, reply_to=msg)
 
     def handle(self, msg: Message) -> Message:
@@ -108,35 +128,61 @@ class Branch:
         return self.mod(msg, self.context, self._handler)
 
 
-def _branches(n: int, key_dir: Path | None) -> list[Branch]:
-    schema = get_schema("mlc")
-    frame = coerce_frame(synthetic_export(schema, n * ROWS_PER_BRANCH, seed=1), schema)
-    splits = [
-        split_frame(frame.iloc[i::n].reset_index(drop=True), label=schema.label, seed=i)
-        for i in range(n)
+@dataclass
+class Branches:
+    """A federation of ``n`` synthetic branches, read back through the churn task."""
+
+    task: Task[Any, Any]
+    settings: Any
+    data: list[Any]
+    folders: list[Path]
+    statistics: dict[str, Any]
+    initial: Arrays
+
+
+def prepare(n: int, workdir: Path) -> Branches:
+    cfg = parse_experiment(experiment(n))
+    task = cfg.plugin
+    simulated = task.experiment.prepare(cfg.spec, cfg.settings, workdir, seed=cfg.seed)
+    data = [
+        task.load(
+            BranchSource(folder=b.folder, name=b.name, number=b.partition_id),
+            cfg.settings,
+            seed=cfg.federation.seed,
+        )
+        for b in simulated.branches
     ]
-    scaler = Scaler.from_moments(combine_moments(local_moments(s.train, schema) for s in splits))
+    stats = task.combine_statistics(
+        cfg.settings, [MetricRecord(task.statistics(d, cfg.settings)) for d in data]
+    )
+    initial = task.initial_arrays(cfg.settings, seed=cfg.federation.seed)
+    folders = [b.folder for b in simulated.branches]
+    return Branches(task, cfg.settings, data, folders, dict(stats), initial)
+
+
+def run_rounds(fed: Branches, rounds: int, key_dir: Path | None) -> list[RoundStats]:
+    n = len(fed.data)
     mod = HEMod(key_dir) if key_dir is not None else None
-    return [Branch(i + 1, s, scaler, mod) for i, s in enumerate(splits)]
-
-
-def run_rounds(n: int, rounds: int, key_dir: Path | None) -> list[RoundStats]:
-    schema = get_schema("mlc")
-    branches = {b.node: b for b in _branches(n, key_dir)}
-    inner = FedAvg(min_available_nodes=n, min_train_nodes=n, min_evaluate_nodes=n)
+    branches = {node: Branch(node, fed, mod) for node in range(1, n + 1)}
+    inner = build_strategy(
+        StrategyName.FEDAVG,
+        num_nodes=n,
+        evaluate_metrics=partial(fed.task.aggregate_evaluation, fed.settings),
+    )
     if key_dir is not None:
         public = keys.load_public_context(keys.current_generation(key_dir).public_path)
         strategy = ValidatedStrategy(HEAggregation(inner, public_context=public))
     else:
         strategy = ValidatedStrategy(inner)
-    arrays = ArrayRecord(build_model(schema.input_dim, seed=0).state_dict())
+    arrays = ArrayRecord({name: Array(a) for name, a in fed.initial.items()})
+    config = ConfigRecord(fed.statistics)
     grid = _Grid(n)
     stats = []
     for rnd in range(1, rounds + 1):
         start = time.perf_counter()
         server = branch_time = 0.0
         t = time.perf_counter()
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+        msgs = list(strategy.configure_train(rnd, arrays, config, grid))  # type: ignore[arg-type]
         server += time.perf_counter() - t
         down = statistics.mean(_wire(m.content) for m in msgs)
         replies = []
@@ -149,7 +195,7 @@ def run_rounds(n: int, rounds: int, key_dir: Path | None) -> list[RoundStats]:
         new, _ = strategy.aggregate_train(rnd, replies)
         assert new is not None, "no update aggregated"
         arrays = new
-        evals = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+        evals = list(strategy.configure_evaluate(rnd, arrays, config, grid))  # type: ignore[arg-type]
         server += time.perf_counter() - t
         ev_replies = []
         for m in evals:
@@ -188,12 +234,10 @@ def main() -> None:
     if args.quick:
         args.rounds, args.branches = 2, [10]
     logging.disable(logging.WARNING)  # Flower logs every sampling at INFO
-    for name in ("_run_id", "_task_id", "_node_id"):  # Flower stamps messages with its task id
-        setattr(TaskIdentity, name, 1)
     torch.set_num_threads(1)
 
-    schema = get_schema("mlc")
-    params = sum(t.numel() for t in build_model(schema.input_dim, seed=0).state_dict().values())
+    settings = parse_experiment(experiment(1)).settings
+    params = sum(int(a.size) for a in get_task("churn").initial_arrays(settings, seed=0).values())
     print(f"# HE vs plaintext rounds ({platform.machine()}, {platform.python_version()})")
     print(
         f"churn MLP: {params} parameters ({4 * params} B as float32); "
@@ -204,13 +248,14 @@ def main() -> None:
         "| per-branch | server | HE/plain round | parallel path | HE/plain parallel |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, in_process_identity():
         key_dir = Path(folder) / "keys"
         keys.init_keys(key_dir)
         for n in args.branches:
+            fed = prepare(n, Path(folder) / f"n{n}")
             plain_round = plain_path = 0.0
             for mode, kd in (("plain", None), ("he", key_dir)):
-                stats = run_rounds(n, args.rounds, kd)[1:]
+                stats = run_rounds(fed, args.rounds, kd)[1:]
                 med = {
                     f: statistics.median(getattr(s, f) for s in stats)
                     for f in (
@@ -235,9 +280,9 @@ def main() -> None:
     print("| values | branches | numpy | tenseal |")
     print("|---|---|---|---|")
     cases = [(params, 10), (params, 100), (100_000, 10)] if not args.quick else [(params, 10)]
-    for length, k in cases:
-        row = [summation_throughput(length, k, e, 3) for e in ("numpy", "tenseal")]
-        print(f"| {length:,} | {k} | {row[0]:.2f} | {row[1]:.2f} |")
+    for length, count in cases:
+        row = [summation_throughput(length, count, e, 3) for e in ("numpy", "tenseal")]
+        print(f"| {length:,} | {count} | {row[0]:.2f} | {row[1]:.2f} |")
 
 
 if __name__ == "__main__":

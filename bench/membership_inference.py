@@ -34,15 +34,17 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from churn_dp_utility import federate, prepare
+from _churn_federation import prepare, roc_auc, torch_state
+from churn_dp_utility import EXAMPLES, federate
 from fedcrm.data.preprocess import encode
 from fedcrm.models.churn import model_from_state, predict_proba
+from fedcrm.tasks import Arrays
 
 EPS = 1e-7
 
 
-def losses(state: dict[str, torch.Tensor], x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    p = np.clip(predict_proba(model_from_state(state), x), EPS, 1 - EPS)
+def losses(state: Arrays, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.clip(predict_proba(model_from_state(torch_state(state)), x), EPS, 1 - EPS)
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
@@ -74,22 +76,23 @@ def main() -> None:
     if args.rounds is not None:
         overrides["num_rounds"] = args.rounds
     with tempfile.TemporaryDirectory(prefix="fedcrm-mia-") as tmp:
-        fed = prepare(args.dataset, Path(tmp), overrides)
-        f = fed.cfg.federation
-        sizes = np.array([len(s.train) for s in fed.splits])
+        fed = prepare(EXAMPLES[args.dataset], Path(tmp) / args.dataset, overrides)
+        f, settings = fed.cfg.federation, fed.settings
+        splits = [d.split for d in fed.data]
+        sizes = np.array([len(s.train) for s in splits])
         small = sizes <= np.quantile(sizes, 0.25)
 
         def rows(indices: list[int], part: str) -> tuple[np.ndarray, np.ndarray]:
-            frames = [getattr(fed.splits[i], part) for i in indices]
+            frames = [getattr(splits[i], part) for i in indices]
             xs, ys = zip(*(encode(fr, fed.schema, fed.scaler) for fr in frames), strict=True)
             return np.concatenate(xs), np.concatenate(ys)
 
-        everyone = list(range(len(fed.splits)))
+        everyone = list(range(len(splits)))
         smallest = [i for i in everyone if small[i]]
         print(
             f"# loss-threshold membership inference (Yeom et al. 2018) on {args.dataset}: "
-            f"{len(fed.splits)} branches, {f.num_rounds} rounds x {f.local_epochs} local "
-            f"epoch(s), batch {f.batch_size}, C = {args.clip}, delta = 1/n per branch, "
+            f"{len(splits)} branches, {f.num_rounds} rounds x {settings.local_epochs} local "
+            f"epoch(s), batch {settings.batch_size}, C = {args.clip}, delta = 1/n per branch, "
             f"attacked: {args.target} "
             f"({'last round' if args.last_round else 'best validation round'})"
         )
@@ -121,9 +124,7 @@ def main() -> None:
                 cells += [f"{auc:.4f}", f"{tpr:.4f}"]
             label = "no DP" if math.isinf(eps) else f"DP ε={eps:g}"
             reached = "∞" if math.isinf(eps) else f"{out.epsilon:.3f}"
-            test_auc = roc_auc_score(
-                fed.pooled.y_test, predict_proba(model_from_state(released), fed.pooled.x_test)
-            )
+            test_auc = roc_auc(released, fed.test)
             print(f"| {label} | {reached} | {test_auc:.4f} | " + " | ".join(cells) + " |")
 
 

@@ -33,12 +33,12 @@ from fedcrm.data.movielens import (
     load_or_sample_negatives,
 )
 from fedcrm.models.rec_training import MFSettings, RankingMetrics, evaluate_branch, evaluate_scores
-from fedcrm.simulation.rec_baselines import (
+from fedcrm.tasks.recommendation.baselines import (
     item_knn_scorer,
     popularity_scorer,
     train_centralised_mf,
 )
-from fedcrm.simulation.rec_metrics import comparison_table
+from fedcrm.tasks.recommendation.metrics import comparison_table
 
 # Small grid around the region found while developing (d=32..128, lr 0.002..0.01, 4..8
 # negatives, L2 0..0.01, BCE and BPR all landed at test HR@10 0.60..0.67; batches of 512 and

@@ -1,13 +1,14 @@
 """Federated MF on MovieLens 100K (ZIP-zone branches) beside centralised MF on the same split.
 
 Protocol: leave-one-out by time, HR@10 / NDCG@10 against 99 fixed sampled negatives (seed
-given) and against the full catalogue. The federated rounds run the recommendation ServerApp
-loop (`run_rec_federation`, Flower's FedAvg over the item arrays) and the ClientApp, *in
-process* through `InProcessGrid` (no Ray, one node per branch, branches trained one after
-another on one thread), so the bench fits in minutes on a shared 2-core machine. Round time is
-therefore the sum of all branches' local work, not the parallel wall time of a deployment.
-Bytes are the serialised item arrays of one branch's reply (`ArrayRecord.count_bytes`); the
-server sends the same amount down.
+given) and against the full catalogue. The federated rounds run the ServerApp's round loop
+(`fedcrm.server.run_federation` with the recommendation task: Flower's FedAvg over the item
+arrays) and the real ClientApp, *in process* through `InProcessGrid` (no Ray, one node per
+branch, branches trained one after another on one thread; ``bench/_rec_federation.py``), so the
+bench fits in minutes on a shared 2-core machine. Round time is therefore the sum of all
+branches' local work, not the parallel wall time of a deployment. Bytes are the serialised item
+arrays of one branch's train reply and message (`ArrayRecord.count_bytes`), and Flower's wire
+bytes of every train and evaluate message.
 
 The federated model is reported twice: after the last round, and at the round with the best
 pooled *validation* HR@10 (test items are never used for selection). Centralised MF uses the
@@ -34,42 +35,40 @@ MovieLens is read from the installed ``recbole`` package; the negatives file goe
 import argparse
 import logging
 import platform
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedcrm.client.rec_app import make_rec_client_app
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rec_federation import Traffic, run_in_process
 from fedcrm.models.rec_training import MFSettings, RankingMetrics, evaluate_branch, evaluate_scores
-from fedcrm.server.rec_federation import RecFederationConfig, RecRoundRecord, run_rec_federation
-from fedcrm.simulation.rec_baselines import (
+from fedcrm.server import RoundRecord
+from fedcrm.simulation import parse_experiment
+from fedcrm.tasks.recommendation.baselines import (
     HISTORY_MF,
     item_knn_scorer,
     popularity_scorer,
     train_centralised_mf,
 )
-from fedcrm.simulation.rec_config import RecExperimentConfig
-from fedcrm.simulation.rec_metrics import comparison_table
-from fedcrm.simulation.rec_runner import (
-    InProcessGrid,
-    RecBranches,
-    in_process_identity,
-    load_rec_data,
-    model_label,
-    prepare_split,
-)
+from fedcrm.tasks.recommendation.data import experiment_data
+from fedcrm.tasks.recommendation.metrics import comparison_table
 
 
-def _metrics(values: dict[str, float]) -> RankingMetrics:
+def _metrics(values: dict[str, float], at: int = 10) -> RankingMetrics:
     n = int(values["users"])
     return RankingMetrics(
-        k=10,
+        k=at,
         count=n,
-        hr_sampled_sum=values["hr10-sampled"] * n,
-        ndcg_sampled_sum=values["ndcg10-sampled"] * n,
-        hr_full_sum=values["hr10-full"] * n,
-        ndcg_full_sum=values["ndcg10-full"] * n,
+        hr_sampled_sum=values[f"hr{at}-sampled"] * n,
+        ndcg_sampled_sum=values[f"ndcg{at}-sampled"] * n,
+        hr_full_sum=values[f"hr{at}-full"] * n,
+        ndcg_full_sum=values[f"ndcg{at}-full"] * n,
     )
 
 
@@ -89,91 +88,105 @@ def main() -> None:
     parser.add_argument("--mf-epochs", type=int, default=15, help="centralised MF epochs (max)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-centralised", action="store_true")
+    parser.add_argument(
+        "--dataset",
+        choices=["movielens-100k", "synthetic"],
+        default="movielens-100k",
+        help="synthetic: a small smoke run (the [synthetic] defaults)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    fed = RecFederationConfig(
-        num_rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        lr=args.lr,
-        factors=args.factors,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        recency_halflife=args.recency_halflife,
-        train_on_validation=args.train_on_validation,
-        history_length=args.history_length,
-        seed=args.seed,
-    )
-    cfg = RecExperimentConfig(name="bench", dataset="movielens-100k", federation=fed)
+    raw: dict[str, Any] = {
+        "task": "recommendation",
+        "name": "bench",
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "federation": {
+            "num-rounds": args.rounds,
+            "local-epochs": args.local_epochs,
+            "lr": args.lr,
+            "factors": args.factors,
+            "batch-size": args.batch_size,
+            "weight-decay": args.weight_decay,
+            "recency-halflife": args.recency_halflife,
+            "train-on-validation": args.train_on_validation,
+            "history-length": args.history_length,
+        },
+    }
+    cfg = parse_experiment(raw)
+    fed, settings = cfg.federation, cfg.settings
+    at = settings.top_k
     started = time.perf_counter()
-    data = load_rec_data(cfg)
-    split, negatives = prepare_split(cfg, data)
+    data, split, negatives = experiment_data(cfg.spec, cfg.seed)  # what the branches hold
     sizes = [len(data.branch_users(b.branch_id)) for b in data.branches]
     print(
-        f"MovieLens 100K: {data.n_users} users, {data.n_items} items, {len(split.train)} "
-        f"training interactions; {len(data.branches)} ZIP-zone branches, users {sizes}"
+        f"{args.dataset}: {data.n_users} users, {data.n_items} items, {len(split.train)} "
+        f"training interactions; {len(data.branches)} branches, users {sizes}"
     )
     print(
-        f"federated: {fed.num_rounds} rounds x {fed.local_epochs} local epoch(s), d={fed.factors},"
-        f" lr {fed.lr}, {fed.negatives_per_positive} negatives, L2 {fed.weight_decay}, "
-        f"batch {fed.batch_size}, {fed.loss}, recency half-life {fed.recency_halflife}, "
-        f"history {fed.history_length}; "
-        f"{'final fit (validation items trained on)' if fed.train_on_validation else 'selection'}"
-        "; in process (no Ray), 1 torch thread, "
+        f"federated: {fed.num_rounds} rounds x {settings.local_epochs} local epoch(s), "
+        f"d={settings.factors}, lr {settings.lr}, {settings.negatives_per_positive} negatives, "
+        f"L2 {settings.weight_decay}, batch {settings.batch_size}, {settings.loss}, recency "
+        f"half-life {settings.recency_halflife}, history {settings.history_length}; "
+        + (
+            "final fit (validation items trained on)"
+            if settings.train_on_validation
+            else "selection"
+        )
+        + "; in process (no Ray), 1 torch thread, "
         f"{platform.processor() or platform.machine()}"
     )
 
-    def on_round(r: RecRoundRecord) -> None:
-        up = np.mean(list(r.bytes_up.values()))
+    def on_round(r: RoundRecord, traffic: Traffic) -> None:
+        e = r.evaluate
         print(
-            f"round {r.round:3d}: HR@10 {r.test['hr10-sampled']:.4f} NDCG@10 "
-            f"{r.test['ndcg10-sampled']:.4f} | full HR@10 {r.test['hr10-full']:.4f} NDCG@10 "
-            f"{r.test['ndcg10-full']:.4f} | val HR@10 {r.val['hr10-sampled']:.4f} | "
-            f"{r.seconds:.2f} s | {up / 1e3:.1f} kB up per branch",
+            f"round {r.round:3d}: HR@{at} {e[f'hr{at}-sampled']:.4f} NDCG@{at} "
+            f"{e[f'ndcg{at}-sampled']:.4f} | full HR@{at} {e[f'hr{at}-full']:.4f} NDCG@{at} "
+            f"{e[f'ndcg{at}-full']:.4f} | val HR@{at} {e[f'val-hr{at}-sampled']:.4f} | "
+            f"{r.seconds:.2f} s | {traffic.payload_up / 1e3:.1f} kB up per branch",
             flush=True,
         )
 
-    grid = InProcessGrid(make_rec_client_app(RecBranches(cfg)), len(data.branches))
-    with in_process_identity():
-        result = run_rec_federation(
-            grid, fed, n_items=data.n_items, min_nodes=len(data.branches), on_round=on_round
-        )
-    rounds = result.rounds
-    best = max(rounds, key=lambda r: r.val["hr10-sampled"])
-    label = f"federated {model_label(fed.history_length)}"
-    results = {f"{label}, last round ({fed.num_rounds})": _metrics(rounds[-1].test)}
-    if not fed.train_on_validation:
-        results[f"{label}, best val round ({best.round})"] = _metrics(best.test)
+    with tempfile.TemporaryDirectory(prefix="fedcrm-rec-bench-") as tmp:
+        run = run_in_process(cfg, Path(tmp), on_round=on_round)
+    rounds = run.result.rounds
+    best = max(rounds, key=lambda r: r.evaluate[f"val-hr{at}-sampled"])
+    label = f"federated {'MF+history' if settings.history_length else 'MF'}"
+    results = {f"{label}, last round ({fed.num_rounds})": _metrics(rounds[-1].evaluate, at)}
+    if not settings.train_on_validation:
+        results[f"{label}, best val round ({best.round})"] = _metrics(best.evaluate, at)
+    base: dict[str, RankingMetrics] = {}
     if not args.no_centralised:
         mf = replace(
             MFSettings(),
             epochs=args.mf_epochs,
             eval_every=1,
-            recency_halflife=fed.recency_halflife,
-            factors=fed.factors,
-            lr=fed.lr,
-            negatives_per_positive=fed.negatives_per_positive,
-            weight_decay=fed.weight_decay,
-            batch_size=fed.batch_size,
-            loss=fed.loss,
+            recency_halflife=settings.recency_halflife,
+            factors=settings.factors,
+            lr=settings.lr,
+            negatives_per_positive=settings.negatives_per_positive,
+            weight_decay=settings.weight_decay,
+            batch_size=settings.batch_size,
+            loss=settings.loss,
         )
-        pooled = split.with_validation_in_train() if fed.train_on_validation else split
+        pooled = split.with_validation_in_train() if settings.train_on_validation else split
         base = {
             "popularity": evaluate_scores(popularity_scorer(pooled.train), pooled, negatives),
             "item-knn (50)": evaluate_scores(
                 item_knn_scorer(pooled.train, neighbours=50), pooled, negatives
             ),
         }
-        settings = {"mf": mf}
-        if fed.history_length:
-            settings[HISTORY_MF] = replace(mf, history_length=fed.history_length)
-        for name, mf_settings in settings.items():
+        mf_settings = {"mf": mf}
+        if settings.history_length:
+            mf_settings[HISTORY_MF] = replace(mf, history_length=settings.history_length)
+        for name, chosen_settings in mf_settings.items():
             fit = train_centralised_mf(
                 pooled,
-                mf_settings,
+                chosen_settings,
                 seed=fed.seed,
-                negatives=None if fed.train_on_validation else negatives,
+                negatives=None if settings.train_on_validation else negatives,
             )
             base[name] = evaluate_branch(fit.model, pooled, negatives)
             if fit.val_history:
@@ -183,29 +196,36 @@ def main() -> None:
                 )
         results.update({f"centralised {name}": m for name, m in base.items()})
     print()
-    print(comparison_table(results))
+    print(comparison_table(results, data="ML-100K" if args.dataset != "synthetic" else "synth"))
     seconds = [r.seconds for r in rounds]
-    up = [v for r in rounds for v in r.bytes_up.values()]
-    down = [v for r in rounds for v in r.bytes_down.values()]
+    up = [t.payload_up for t in run.traffic]
+    down = [t.payload_down for t in run.traffic]
     print(
         f"\nround time: mean {np.mean(seconds):.2f} s, median {np.median(seconds):.2f} s "
         f"(train + evaluate, all {len(data.branches)} branches sequentially, in process)"
     )
     print(
-        f"bytes per branch per round: {np.mean(up):,.0f} up, {np.mean(down):,.0f} down "
-        f"(item factors {data.n_items}x{fed.factors} + biases"
+        f"item bytes per branch per round: {np.mean(up):,.0f} up, {np.mean(down):,.0f} down "
+        f"(item factors {data.n_items}x{settings.factors} + biases"
         + (
-            f", context factors {data.n_items}x{fed.factors} + {fed.history_length} weights"
-            if fed.history_length
+            f", context factors {data.n_items}x{settings.factors} + "
+            f"{settings.history_length} weights"
+            if settings.history_length
             else ""
         )
         + ", float32); user factors and histories: 0"
     )
-    if not args.no_centralised:
-        chosen = rounds[-1] if fed.train_on_validation else best
-        reference = HISTORY_MF if fed.history_length else "mf"
-        gap = _metrics(chosen.test).hr_sampled - base[reference].hr_sampled
-        which = "last round" if fed.train_on_validation else "best val round"
+    wire_up = np.mean([t.wire_up for t in run.traffic])
+    wire_down = np.mean([t.wire_down for t in run.traffic])
+    print(
+        f"wire bytes per branch per round (train + evaluate): {wire_up:,.0f} up, "
+        f"{wire_down:,.0f} down"
+    )
+    if base:
+        chosen = rounds[-1] if settings.train_on_validation else best
+        reference = HISTORY_MF if settings.history_length else "mf"
+        gap = _metrics(chosen.evaluate, at).hr_sampled - base[reference].hr_sampled
+        which = "last round" if settings.train_on_validation else "best val round"
         print(f"federated ({which}) minus centralised {reference}, HR@10: {gap:+.4f}")
     print(f"total {time.perf_counter() - started:.0f} s")
 

@@ -1,12 +1,12 @@
 """Federated MF on MovieLens 100K in plaintext and under CKKS HE: HR@10 and bytes per branch.
 
 Both runs use one experiment's settings (default ``examples/movielens_zip_he.toml``: the
-example's final fit) and the recommendation round loop and ClientApp *in process*
+example's final fit) and the ServerApp's round loop and ClientApp *in process*
 (`InProcessGrid`, as ``bench/rec_federated.py``: no Ray, branches one after another on one torch
 thread). The HE run creates its keys in a temporary folder, wraps FedAvg in
-`fedcrm.strategies.he.HEAggregation` and every branch's ClientApp in `HEMod`, exactly as
-``fedcrm simulate`` does; its final item arrays are decrypted from the server's ciphertext
-checkpoints.
+`fedcrm.strategies.HEAggregation` (`fedcrm.server.Wiring`, as the ServerApp does) and every
+branch's ClientApp in `HEMod`, exactly as ``fedcrm simulate`` does; its final item arrays are
+decrypted from the server's ciphertext checkpoints (`fedcrm.strategies.replay_global_model`).
 
 Bytes per branch and round, two ways:
 
@@ -24,110 +24,85 @@ Usage:
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Message
 
-from fedcrm.client.rec_app import make_rec_client_app
-from fedcrm.server.rec_federation import RecFederationResult, RecRoundRecord, run_rec_federation
-from fedcrm.server.traffic import wire_size
-from fedcrm.simulation.rec_config import load_rec_experiment
-from fedcrm.simulation.rec_he import replay_items, setup_rec_he
-from fedcrm.simulation.rec_runner import (
-    InProcessGrid,
-    RecBranches,
-    in_process_identity,
-    load_rec_data,
-)
-from fedcrm.strategies.guardrails import AggregationMode
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rec_federation import Traffic, run_in_process
+from fedcrm.client import HEMod
+from fedcrm.compliance import sqlite_url
+from fedcrm.privacy.keys import init_keys, load_public_context, load_secret_context
+from fedcrm.server import AggregationConfig, RoundRecord, Wiring
+from fedcrm.simulation import load_experiment
+from fedcrm.strategies import AggregationMode, replay_global_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class WireGrid(InProcessGrid):
-    """`InProcessGrid` that adds up each round's protobuf bytes per node (down before delivery:
-    a mod may replace a message's content in process)."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
-        self.down: dict[int, int] = defaultdict(int)
-        self.up: dict[int, int] = defaultdict(int)
-
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        out = list(messages)
-        for msg in out:
-            self.down[msg.metadata.dst_node_id] += wire_size(msg.content)
-        replies = list(super().send_and_receive(out, timeout=timeout))
-        for reply in replies:
-            self.up[reply.metadata.src_node_id] += wire_size(reply.content)
-        return replies
-
-    def take(self) -> tuple[float, float]:
-        """Mean bytes per node since the last call (down, up)."""
-        down = float(np.mean(list(self.down.values())))
-        up = float(np.mean(list(self.up.values())))
-        self.down.clear()
-        self.up.clear()
-        return down, up
-
-
 def run(config: Path, mode: AggregationMode, rounds: int | None) -> dict[str, float]:
     """One in-process federation; returns the figures of the table."""
-    cfg = load_rec_experiment(config)
+    cfg = load_experiment(config)
     if rounds is not None:
         cfg = replace(cfg, federation=replace(cfg.federation, num_rounds=rounds))
-    cfg = replace(cfg, aggregation=mode)
-    data = load_rec_data(cfg)
+    cfg = replace(cfg, aggregation=AggregationConfig(mode=mode))
+    at = cfg.settings.top_k
     with tempfile.TemporaryDirectory(prefix="fedcrm-rec-he-") as tmp:
-        he = setup_rec_he(Path(tmp)) if mode is AggregationMode.HE else None
-        app = make_rec_client_app(RecBranches(cfg), mods=() if he is None else (he.mod,))
-        grid = WireGrid(app, len(data.branches))
-        wires: list[tuple[float, float]] = []
+        root = Path(tmp)
+        keys = init_keys(root / "keys") if mode is AggregationMode.HE else None
+        wiring = Wiring(
+            cfg.aggregation,
+            None,
+            rounds=cfg.federation.num_rounds,
+            run_id="bench",
+            ledger_url=sqlite_url(root / "ledger.db"),
+            round_timeout=cfg.federation.round_timeout,
+            public_context=None if keys is None else load_public_context(keys.public_path),
+            checkpoint_dir=None if keys is None else root / "checkpoints",
+        )
         cpu: list[float] = []
         last = [time.process_time()]
 
-        def on_round(r: RecRoundRecord) -> None:
-            wires.append(grid.take())
+        def on_round(r: RoundRecord, traffic: Traffic) -> None:
             now = time.process_time()
             cpu.append(now - last[0])
             last[0] = now
             print(
-                f"  {mode} round {r.round}: HR@10 {r.test['hr10-sampled']:.4f} NDCG@10 "
-                f"{r.test['ndcg10-sampled']:.4f} | {np.mean(list(r.bytes_up.values())):,.0f} B "
-                f"up | {r.seconds:.1f} s",
+                f"  {mode} round {r.round}: HR@{at} {r.evaluate[f'hr{at}-sampled']:.4f} "
+                f"NDCG@{at} {r.evaluate[f'ndcg{at}-sampled']:.4f} | "
+                f"{traffic.payload_up:,.0f} B up | {r.seconds:.1f} s",
                 flush=True,
             )
 
-        with in_process_identity():
-            result: RecFederationResult = run_rec_federation(
-                grid,
-                cfg.federation,
-                n_items=data.n_items,
-                min_nodes=len(data.branches),
-                on_round=on_round,
-                he=None if he is None else he.server,
+        out = run_in_process(
+            cfg,
+            root / "run",
+            mods=() if keys is None else (HEMod(root / "keys"),),
+            wrap_strategy=wiring.wrap if wiring.wraps else None,
+            on_round=on_round,
+        )
+        items = out.result.arrays
+        server = wiring.he
+        if keys is not None and server is not None and server.initial is not None:
+            items = replay_global_model(
+                server.initial, server.checkpoints, load_secret_context(keys.secret_path)
             )
-        items = result.items if he is None else replay_items(result, he.keys.secret_path)
-    rs = result.rounds
-    later = rs[1:] or rs  # round 1 sends the plaintext initial items down in both modes
+    rs, traffic = out.result.rounds, out.traffic
+    later = traffic[1:] or traffic  # round 1 sends the plaintext initial items down in both modes
     return {
-        "hr10": rs[-1].test["hr10-sampled"],
-        "ndcg10": rs[-1].test["ndcg10-sampled"],
-        "hr10_full": rs[-1].test["hr10-full"],
-        "params": float(sum(a.size for a in items.values())),
-        "payload_up": float(np.mean([v for r in rs for v in r.bytes_up.values()])),
-        "payload_down": float(np.mean([v for r in later for v in r.bytes_down.values()])),
-        "wire_down": float(np.mean([d for d, _ in wires[1:] or wires])),
-        "wire_up": float(np.mean([u for _, u in wires])),
+        "hr10": rs[-1].evaluate[f"hr{at}-sampled"],
+        "ndcg10": rs[-1].evaluate[f"ndcg{at}-sampled"],
+        "hr10_full": rs[-1].evaluate[f"hr{at}-full"],
+        "params": float(sum(np.asarray(a).size for a in items.values())),
+        "payload_up": float(np.mean([t.payload_up for t in traffic])),
+        "payload_down": float(np.mean([t.payload_down for t in later])),
+        "wire_down": float(np.mean([t.wire_down for t in later])),
+        "wire_up": float(np.mean([t.wire_up for t in traffic])),
         "round_s": float(np.median([r.seconds for r in rs])),
         "round_cpu_s": float(np.median(cpu)),
         "rejected": float(sum(len(r.rejected) for r in rs)),
@@ -145,7 +120,8 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
     out = {
-        mode: run(args.config, mode, args.rounds) for mode in AggregationMode if mode != "secagg"
+        mode: run(args.config, mode, args.rounds)
+        for mode in (AggregationMode.PLAIN, AggregationMode.HE)
     }
     plain, he = out[AggregationMode.PLAIN], out[AggregationMode.HE]
     print(f"\n{int(plain['params']):,} item-tower parameters (float32)")

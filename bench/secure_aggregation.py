@@ -4,9 +4,10 @@ Run: ``.venv/bin/python bench/secure_aggregation.py`` (``--rounds 3 --branches 1
 default; ``--quick`` for 2 rounds of 10 branches).
 
 What runs: the real code paths, in one process, without Ray: ``run_federation`` (the
-ServerApp's loop) with the mode's strategy wrapper, and the real ClientApp
-(``make_client_app``) with the mode's mods (``HEMod`` / ``secagg_mod``), on synthetic MLC
-branch exports written to disk (120 customers each), churn MLP 22-64-32-1. The in-process grid
+ServerApp's loop) with the mode's strategy wrappers (``fedcrm.server.Wiring``, as the ServerApp
+builds them), and the real ClientApp (``make_client_app``) with the mode's mods (``HEMod`` /
+``secagg_mod``), on synthetic MLC branch exports the churn task writes to disk (about 120
+customers each, IID), churn MLP 22-64-32-1. The in-process grid
 serializes every message to Flower's protobuf and back, as the wire does, and counts those
 bytes. Branches run one after the other, so a round's time is the *sum* of all branch work
 plus the server's: ratios between modes are what to read, not absolute times. Round cost is
@@ -26,9 +27,10 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,23 +38,19 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.serverapp.strategy import Strategy
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedcrm import constants as k
-from fedcrm.client.app import branch_dir, make_client_app
-from fedcrm.client.branch import write_export
-from fedcrm.client.he_mod import HEMod
-from fedcrm.client.secagg_client import secagg_mod
-from fedcrm.data.check import coerce_frame
-from fedcrm.data.schema import MLC
-from fedcrm.data.synthetic import synthetic_export
-from fedcrm.models.churn import build_model
+from fedcrm.client import HEMod, make_client_app, secagg_mod
+from fedcrm.compliance import sqlite_url
 from fedcrm.privacy import he, keys
-from fedcrm.server.config import FederationConfig
-from fedcrm.server.federation import RoundRecord, run_federation
-from fedcrm.strategies.he import HEAggregation
-from fedcrm.strategies.secagg import SecAggConfig, SecAggPlusAggregation
+from fedcrm.server import AggregationConfig, RoundRecord, Wiring, run_federation
+from fedcrm.simulation import (
+    ExperimentConfig,
+    in_process_identity,
+    parse_experiment,
+    partition_nodes,
+)
+from fedcrm.strategies import AggregationMode, SecAggConfig
+from fedcrm.tasks import SimulatedFederation
 
 ROWS_PER_BRANCH = 120
 HIDDEN = "64,32"
@@ -67,8 +65,8 @@ class WireGrid:
     def __init__(self, app: ClientApp, branches: int) -> None:
         self.app = app
         self.contexts = {
-            n: Context(1, n, {k.NODE_PARTITION_ID: n - 1}, RecordDict(), {})
-            for n in range(1, branches + 1)
+            node: Context(1, node, dict(config), RecordDict(), {})
+            for node, config in partition_nodes(branches).items()
         }
         self.ids = itertools.count()
         self.down = self.up = 0
@@ -100,37 +98,53 @@ class WireGrid:
         return replies
 
 
-def write_branches(root: Path, n: int) -> Path:
-    frame = coerce_frame(synthetic_export(MLC, n * ROWS_PER_BRANCH, seed=1), MLC)
-    for i in range(n):
-        part = frame.iloc[i::n].reset_index(drop=True)
-        write_export(part, MLC, branch_dir(root / "branches", i) / "export.parquet")
-    return root / "branches"
+def experiment(n: int, rounds: int) -> ExperimentConfig:
+    """``n`` synthetic MLC branches of about ``ROWS_PER_BRANCH`` customers, the bench's model."""
+    raw: dict[str, Any] = {
+        "name": f"secagg-bench-{n}",
+        "dataset": "synthetic:mlc",
+        "rows": n * ROWS_PER_BRANCH,
+        "seed": 1,
+        "partition": {"kind": "iid", "num-branches": n},
+        "federation": {
+            "num-rounds": rounds,
+            "lr": 0.01,
+            "batch-size": 32,
+            "hidden-layers": HIDDEN,
+        },
+    }
+    return parse_experiment(raw)
+
+
+def write_branches(cfg: ExperimentConfig, root: Path) -> SimulatedFederation:
+    """The branch exports, written by the churn task's experiment under ``root/branches``."""
+    return cfg.plugin.experiment.prepare(cfg.spec, cfg.settings, root, seed=cfg.seed)
 
 
 def run_mode(
-    mode: str, n: int, rounds: int, branches: Path, key_dir: Path
+    mode: str, cfg: ExperimentConfig, root: Path, federation: SimulatedFederation, key_dir: Path
 ) -> tuple[list[RoundRecord], list[tuple[int, int]], list[float]]:
-    """``rounds`` rounds of ``mode``: round records, (down, up) bytes and CPU seconds each."""
+    """The rounds of ``mode``: round records, (down, up) bytes and CPU seconds each."""
+    n = len(federation.branches)
     mods: list[Mod] = []
-    wrap: Callable[[Strategy], Strategy] | None = None
+    public = None
     if mode == "he":
         public = keys.load_public_context(keys.current_generation(key_dir).public_path)
         mods = [HEMod(key_dir)]
-
-        def wrap(inner: Strategy) -> Strategy:
-            return HEAggregation(inner, public_context=public, checkpoint_dir=key_dir.parent / "c")
-
     elif mode == "secagg":
         mods = [secagg_mod]
-
-        def wrap(inner: Strategy) -> Strategy:
-            return SecAggPlusAggregation(inner, SecAggConfig(), timeout=600)
-
-    grid = WireGrid(make_client_app(branches, mods=mods), n)
-    cfg = FederationConfig(
-        schema="mlc", num_rounds=rounds, lr=0.01, batch_size=32, hidden_layers=HIDDEN
+    wiring = Wiring(
+        AggregationConfig(mode=AggregationMode(mode), secagg=SecAggConfig()),
+        None,
+        rounds=cfg.federation.num_rounds,
+        run_id=f"bench-{mode}",
+        ledger_url=sqlite_url(root / f"ledger-{mode}.db"),
+        round_timeout=600,
+        public_context=public,
+        checkpoint_dir=root / f"checkpoints-{mode}" if public is not None else None,
     )
+    app = make_client_app(root / "branches", simulation=federation.handle, mods=mods)
+    grid = WireGrid(app, n)
     per_round: list[tuple[int, int]] = []
     records: list[RoundRecord] = []
     cpu: list[float] = []
@@ -144,7 +158,14 @@ def run_mode(
         cpu.append(now - last[0])
         last[0] = now
 
-    run_federation(grid, cfg, min_nodes=n, wrap_strategy=wrap, on_round=on_round)  # type: ignore[arg-type]
+    run_federation(
+        grid,  # type: ignore[arg-type]
+        cfg.federation,
+        cfg.settings,
+        min_nodes=n,
+        wrap_strategy=wiring.wrap if wiring.wraps else None,
+        on_round=on_round,
+    )
     return records, per_round, cpu
 
 
@@ -176,14 +197,10 @@ def main() -> None:
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (medians are over rounds 2..R)")
     logging.disable(logging.WARNING)  # Flower logs every stage at INFO
-    for name in ("_run_id", "_task_id", "_node_id"):  # Flower stamps messages with its task id
-        setattr(TaskIdentity, name, 1)
     torch.set_num_threads(1)
 
-    hidden = tuple(int(w) for w in HIDDEN.split(","))
-    params = sum(
-        t.numel() for t in build_model(MLC.input_dim, seed=0, hidden=hidden).state_dict().values()
-    )
+    probe = experiment(1, args.rounds)
+    params = sum(int(a.size) for a in probe.plugin.initial_arrays(probe.settings, seed=0).values())
     print(
         f"# Plaintext vs HE vs SecAgg+ rounds ({platform.machine()}, {platform.python_version()})"
     )
@@ -197,15 +214,16 @@ def main() -> None:
         "| round CPU s | vs plain | round wall s |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, in_process_identity():
         root = Path(folder)
         key_dir = root / "keys"
         keys.init_keys(key_dir)
         for n in args.branches:
-            branches = write_branches(root / f"n{n}", n)
+            cfg = experiment(n, args.rounds)
+            federation = write_branches(cfg, root / f"n{n}")
             base_up = base_s = 0.0
             for mode in MODES:
-                records, per_round, cpu = run_mode(mode, n, args.rounds, branches, key_dir)
+                records, per_round, cpu = run_mode(mode, cfg, root / f"n{n}", federation, key_dir)
                 wall = statistics.median(r.seconds for r in records[1:])
                 seconds = statistics.median(cpu[1:])
                 down = statistics.median(d for d, _ in per_round[1:]) / n

@@ -41,48 +41,59 @@ def ledger_entry(**changes: Any) -> LedgerEntry:
     return LedgerEntry(**values)
 
 
-def plaintext_fedavg(run_dir: Any, cfg: Any, rounds: int) -> list[dict[str, Any]]:
-    """Global model after each round, FedAvg in plaintext, from a run's own branch exports.
+def plaintext_fedavg(
+    run_dir: Any, cfg: Any, rounds: int, *, handle: Any = None
+) -> list[dict[str, Any]]:
+    """Global model after each round, FedAvg in plaintext, from a run's own branch folders.
 
-    The reference the HE and SecAgg+ simulations must reproduce (ML imports kept local so the
-    compliance tests that use this module do not load torch).
+    The reference the HE and SecAgg+ simulations must reproduce: each branch trains with its
+    task's own step (the seeds its ClientApp uses) on the statistics every message carries.
+    ``handle`` is the simulated data of a task that keeps it in memory (recommendations). ML
+    imports are local so the compliance tests that use this module do not load torch.
     """
     import json
 
     import numpy as np
-    import torch
+    from flwr.app import MetricRecord, RecordDict
 
-    from fedcrm.client import branch
-    from fedcrm.data.schema import get_schema
-    from fedcrm.models.churn import TrainSettings, build_model
-    from fedcrm.simulation.runner import BranchInfo, pooled_splits
+    from fedcrm.data.pseudonymise import load_or_create_key
+    from fedcrm.tasks import BranchSource, RoundContext, get_task
 
-    fed = cfg.federation
-    schema = get_schema(fed.schema)
-    infos = [
-        BranchInfo(**json.loads(p.read_text()))
-        for p in sorted((run_dir / "branches").glob("*/branch.json"))
+    task = get_task(cfg.task)
+    folders = sorted((run_dir / "branches").glob("*/branch.json"))
+    sources = [
+        BranchSource(
+            folder=f.parent,
+            name=json.loads(f.read_text())["name"],
+            number=pid,
+            key=load_or_create_key(f.parent / "hmac.key"),
+            simulation=handle,
+        )
+        for pid, f in enumerate(folders)
     ]
-    splits, scaler = pooled_splits(run_dir, schema, infos, fed.seed)
-    settings = TrainSettings(
-        epochs=fed.local_epochs,
-        batch_size=fed.batch_size,
-        lr=fed.lr,
-        weight_decay=fed.weight_decay,
-        optimizer=fed.optimizer,
-        momentum=fed.momentum,
-    )
-    state = build_model(schema.input_dim, seed=fed.seed, hidden=fed.hidden).state_dict()
+    seed = cfg.federation.seed
+    data = [task.load(s, cfg.settings, seed=seed) for s in sources]
+    records = [MetricRecord(task.statistics(d, cfg.settings)) for d in data]
+    statistics = task.combine_statistics(cfg.settings, records)
+    arrays = task.initial_arrays(cfg.settings, seed=seed)
+    states = [RecordDict() for _ in sources]
     models = []
     for rnd in range(1, rounds + 1):
-        outs = [branch.train(s, schema, scaler, state, settings, seed=rnd) for s in splits]
+        outs = [
+            task.train(
+                d,
+                arrays,
+                cfg.settings,
+                RoundContext(rnd, seed + 1000 * rnd + pid, seed, statistics, state, s.folder),
+            )
+            for pid, (d, s, state) in enumerate(zip(data, sources, states, strict=True))
+        ]
         total = sum(o.num_examples for o in outs)
-        state = {
-            name: torch.from_numpy(
-                sum(o.state_dict[name].numpy().astype(np.float64) * o.num_examples for o in outs)
-                / total
-            ).float()
-            for name in state
+        arrays = {
+            name: (
+                sum(o.arrays[name].astype(np.float64) * o.num_examples for o in outs) / total
+            ).astype(np.float32)
+            for name in arrays
         }
-        models.append({n: t.numpy() for n, t in state.items()})
+        models.append(dict(arrays))
     return models

@@ -6,7 +6,6 @@ functions, and it renders ``--help`` and errors with rich.
 
 import json
 import logging
-import tomllib
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +19,7 @@ from fedcrm.compliance.audit.cli import app as audit_app
 from fedcrm.compliance.cli import app as compliance_app
 from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy.keys import app as keys_app
-from fedcrm.rec_cli import rec_results_table, recommend, run_rec_with_progress, simulate_rec
+from fedcrm.tasks import TASKS, get_task
 
 app = typer.Typer(
     name="fedcrm",
@@ -42,7 +41,9 @@ app.add_typer(
     ledger_app, name="ledger", help="Privacy ledger: cumulative epsilon per branch, every round."
 )
 
-app.command("recommend")(recommend)
+for _task in TASKS.values():  # the tasks' own commands (e.g. ``recommend``)
+    for _command in _task.commands():
+        app.command()(_command)
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -145,27 +146,35 @@ def data_synth(
     console.print(f"wrote {rows} synthetic {schema!r} customers to {out}")
 
 
-def _run_one(config: Path, runs_dir: Path) -> Path:
-    from fedcrm.server.federation import RoundRecord
+def run_with_progress(config: Path, runs_dir: Path) -> Path:
+    """Run an experiment of any task with a progress bar; return its run directory.
+
+    Raises:
+        FedCrmError: The configuration is invalid or the run failed.
+    """
+    from fedcrm.server.result import RoundRecord
     from fedcrm.simulation.config import load_experiment
     from fedcrm.simulation.runner import run_experiment
 
     cfg = load_experiment(config)
+    label, key = cfg.plugin.headline(cfg.settings)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("AUC {task.fields[auc]}"),
+        TextColumn(label + " {task.fields[metric]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(f"{cfg.name}: starting", total=cfg.federation.num_rounds, auc="–")
+        bar = progress.add_task(
+            f"{cfg.name}: starting", total=cfg.federation.num_rounds, metric="–"
+        )
 
         def on_round(record: RoundRecord) -> None:
-            auc = record.evaluate.get("roc-auc")
-            shown = f"{float(auc):.4f}" if auc is not None else "–"
+            value = record.evaluate.get(key)
+            shown = f"{float(value):.4f}" if value is not None else "–"
             progress.update(
-                task, advance=1, auc=shown, description=f"{cfg.name}: round {record.round}"
+                bar, advance=1, metric=shown, description=f"{cfg.name}: round {record.round}"
             )
 
         def on_phase(message: str) -> None:
@@ -174,43 +183,15 @@ def _run_one(config: Path, runs_dir: Path) -> Path:
         return run_experiment(cfg, runs_root=runs_dir, on_round=on_round, on_phase=on_phase)
 
 
-def _task(config: Path) -> str:
-    """The experiment's ``task`` (``churn`` unless the TOML says otherwise)."""
-    try:
-        return str(tomllib.loads(config.read_text(encoding="utf-8")).get("task", "churn"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return "churn"  # the churn loader reports the problem with the file
-
-
-_SHORT_NAMES = {
-    "logistic_regression": "LR",
-    "hist_gradient_boosting": "HGB",
-    "pooled_torch": "MLP",
-}
-"""Centralised baselines as the demo's 80-column table names them."""
-
-
-def _summary_table(run_dirs: list[Path]) -> Table:
-    table = Table(title="Federated vs centralised, same split (test ROC-AUC)")
-    table.add_column("run", no_wrap=True)
-    for col in ("federated", "best centralised", "gap", "PR-AUC fed", "F1 fed"):
-        table.add_column(col, justify="right")
+def _results(run_dirs: list[Path]) -> None:
+    """Each task's tables of the finished runs, in the order the tasks first appear."""
+    by_task: dict[str, list[dict[str, object]]] = {}
     for d in run_dirs:
-        s = json.loads((d / "summary.json").read_text())
-        fed = s["federated"]
-        best_name, best = max(
-            s["centralised"].items(), key=lambda kv: kv[1]["roc_auc"], default=("–", None)
-        )
-        best_auc = best["roc_auc"] if best else float("nan")
-        table.add_row(
-            s["name"],
-            f"{fed['roc_auc']:.4f}",
-            f"{best_auc:.4f} {_SHORT_NAMES.get(best_name, best_name)}",
-            f"{fed['roc_auc'] - best_auc:+.4f}",
-            f"{fed['pr_auc']:.4f}",
-            f"{fed['f1']:.4f}",
-        )
-    return table
+        summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+        by_task.setdefault(str(summary["task"]), []).append(summary)
+    for name, summaries in by_task.items():
+        for table in get_task(name).results_tables(summaries):
+            console.print(table)
 
 
 def _traffic_table(run_dirs: list[Path]) -> Table:
@@ -241,17 +222,16 @@ def simulate(
 ) -> None:
     """Run a federated experiment on Flower's simulation engine and write a run directory.
 
-    Churn experiments and recommendation experiments (``task = "recommendation"``) alike.
+    Any registered task: churn, or recommendations (``task = "recommendation"``).
     """
-    if _task(config) == "recommendation":
-        simulate_rec(config, runs_dir)
-        return
     try:
-        run_dir = _run_one(config, runs_dir)
+        run_dir = run_with_progress(config, runs_dir)
     except FedCrmError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    console.print(_summary_table([run_dir]))
+    _results([run_dir])
+    if (run_dir / "compliance.db").is_file():
+        _compliance_epilogue(run_dir)
     console.print(f"run directory: {run_dir}")
 
 
@@ -289,29 +269,30 @@ def demo(
     ),
 ) -> None:
     """The main job: federated churn (MLC by state; Telco plain, DP, HE), then recommendations."""
-    configs = [EXAMPLES / "mlc_by_state.toml", EXAMPLES / "telco_dirichlet.toml"]
-    # Record-level DP (customer-level: one row per customer), epsilon 3 per branch.
-    configs.append(EXAMPLES / "telco_dirichlet_dp.toml")
-    # The same Telco run aggregated under CKKS encryption (bytes and round time beside plaintext).
-    configs.append(EXAMPLES / "telco_dirichlet_he.toml")
-    try:
-        run_dirs = [_run_one(c, runs_dir) for c in configs]
+    configs = [
+        EXAMPLES / "mlc_by_state.toml",
+        EXAMPLES / "telco_dirichlet.toml",
+        # Record-level DP (customer-level: one row per customer), epsilon 3 per branch.
+        EXAMPLES / "telco_dirichlet_dp.toml",
+        # The same Telco run aggregated under CKKS encryption (bytes and round time beside it).
+        EXAMPLES / "telco_dirichlet_he.toml",
         # Federated recommendations (MovieLens 100K, ZIP-zone branches) and their baselines.
-        rec_dir = run_rec_with_progress(EXAMPLES / "movielens_zip.toml", runs_dir)
+        EXAMPLES / "movielens_zip.toml",
+    ]
+    try:
+        run_dirs = [run_with_progress(c, runs_dir) for c in configs]
     except FedCrmError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    console.print(_summary_table(run_dirs))
+    _results(run_dirs)
     console.print(_traffic_table(run_dirs))
-    console.print(rec_results_table(rec_dir))
-    console.print(f"report: {rec_dir / 'report.md'}")
     for d in run_dirs:
         console.print(f"report: {d / 'report.md'}")
     for d in run_dirs:
         if (d / "ledger.db").is_file():
             privacy = json.loads((d / "summary.json").read_text()).get("privacy", {})
             console.print(
-                f"{d.name}: record-level DP ({privacy.get('unit_note', '')}); largest "
+                f"{d.name}: DP-SGD ({privacy.get('unit_note', '')}); largest "
                 f"epsilon {privacy.get('epsilon_max', float('nan')):.3f} per branch, delta "
                 f"{privacy.get('delta_rule', '?')}, {privacy.get('accountant', '?')} accountant"
             )

@@ -8,9 +8,28 @@ Hierarchy::
     ├── ConfigError            an experiment or app configuration is invalid
     ├── DataPackageMissing     a package that ships a real data set is not installed
     └── InconsistentReplies    branch replies cannot be aggregated together
+
+A branch never raises across the network: it answers with an error ``Message`` whose code is an
+:class:`ErrorCode`.
 """
 
 from collections.abc import Sequence
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Codes of the error replies a branch sends (``flwr.app.Error.code``), one per condition."""
+
+    DP_ROUND_FAILED = 4301
+    """A DP round could not be set up (bad settings, corrupted accountant): nothing trained."""
+    CONSENT_REFUSED = 4501
+    """The branch refuses the run's purpose (an evaluation reply; training and the statistics
+    query answer with a structured refusal instead)."""
+    CONSENT_GATE_FAILED = 4502
+    """The consent gate could not run (registry unreachable): no row was used."""
+    BRANCH_DATA_FAILED = 4601
+    """The branch's data or the server's settings are unusable for this task (the reason says
+    what to fix): nothing trained, nothing sent."""
 
 
 class FedCrmError(Exception):

@@ -1,8 +1,11 @@
-"""Federated churn on Flower's deployment engine: a SuperLink, two SuperNodes and ``flwr run``.
+"""Every task on Flower's deployment engine: a SuperLink, two SuperNodes and ``flwr run``.
 
-Everything listens on 127.0.0.1; each process is started here and stopped by its PID.
-Deployment rounds take several seconds each (SuperNode polling, one ClientApp process per
-message; ../shared/STACK.md #9), so the run is two rounds.
+The same ServerApp and ClientApp as a simulation (``fedcrm.server.app:app``,
+``fedcrm.client.app:app``); each branch names its own export in its node config (churn: a CRM
+export; recommendations: an interaction export and the shared catalogue). Everything listens on
+127.0.0.1; each process is started here and stopped by its PID. Deployment rounds take several
+seconds each (SuperNode polling, one ClientApp process per message; ../shared/STACK.md #9), so
+the run is two rounds.
 """
 
 import json
@@ -16,14 +19,28 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from safetensors.torch import load_file
 
+from conftest import TASK_IDS
+from fedcrm.data.interaction_export import write_catalogue, write_interaction_export
 from fedcrm.data.schema import get_schema
 from fedcrm.data.synthetic import synthetic_export
+from fedcrm.tasks import get_task
+from fedcrm.tasks.recommendation.data import SyntheticRecConfig, synthetic_rec_data
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+RUN_CONFIG = {
+    "churn": 'num-rounds=2 hidden-layers="16"',
+    "recommendation": (
+        'task="recommendation" num-rounds=2 factors=8 batch-size=256 lr=0.01 local-epochs=1 '
+        "num-items=130"
+    ),
+}
+"""What each task's run sets beyond the declared defaults (pyproject.toml)."""
 
 
 def _free_port() -> int:
@@ -77,8 +94,42 @@ class Processes:
                 proc.wait()
 
 
+def _branch_exports(task_name: str, folder: Path) -> list[str]:
+    """Write two branches' exports, each in its own folder; return each one's node config."""
+    if task_name == "churn":
+        configs = []
+        for i, name in enumerate(["north", "south"]):
+            export = folder / name / "export.csv"
+            export.parent.mkdir()
+            synthetic_export(get_schema("mlc"), 400, seed=i).to_csv(export, index=False)
+            configs.append(f'data-path="{export}" branch-name="{name}"')
+        return configs
+    data = synthetic_rec_data(SyntheticRecConfig(users=60, items=130, branches=2), seed=0)
+    catalogue = folder / "items.txt"
+    write_catalogue(catalogue, data.item_ids)
+    configs = []
+    log = data.interactions
+    for b, name in enumerate(["north", "south"]):
+        mine = data.user_branch[log.user] == b
+        export = folder / name / "interactions.csv"
+        frame = pd.DataFrame(
+            {
+                "customer_id": [data.user_ids[u] for u in log.user[mine]],
+                "item_id": [data.item_ids[i] for i in log.item[mine]],
+                "timestamp": log.timestamp[mine],
+            }
+        )
+        write_interaction_export(export, frame)
+        key = folder / name / "hmac.key"
+        configs.append(
+            f'data-path="{export}" catalogue-path="{catalogue}" key-path="{key}" '
+            f'branch-name="{name}"'
+        )
+    return configs
+
+
 @pytest.fixture
-def federation(tmp_path: Path) -> Iterator[tuple[Processes, int]]:
+def federation(task_name: str, tmp_path: Path) -> Iterator[tuple[Processes, int]]:
     flwr_home = tmp_path / "flwr-home"
     flwr_home.mkdir()
     env = {
@@ -103,9 +154,9 @@ def federation(tmp_path: Path) -> Iterator[tuple[Processes, int]]:
             "--disable-runtime-dependency-installation",
         )
         _wait_for_port(link_port, link, log)
-        for i, name in enumerate(["north", "south"]):
-            export = tmp_path / f"{name}.csv"
-            synthetic_export(get_schema("mlc"), 400, seed=i).to_csv(export, index=False)
+        for name, node_config in zip(
+            ["north", "south"], _branch_exports(task_name, tmp_path), strict=True
+        ):
             node_port = _free_port()
             node, log = procs.start(
                 f"supernode-{name}",
@@ -118,7 +169,7 @@ def federation(tmp_path: Path) -> Iterator[tuple[Processes, int]]:
                 "--port",
                 str(node_port),
                 "--node-config",
-                f'data-path="{export}" branch-name="{name}"',
+                node_config,
             )
             _wait_for_port(node_port, node, log)
         (flwr_home / "config.toml").write_text(
@@ -130,9 +181,11 @@ def federation(tmp_path: Path) -> Iterator[tuple[Processes, int]]:
         procs.stop()
 
 
+@pytest.mark.parametrize("task_name", TASK_IDS)
 def test_two_rounds_on_the_deployment_engine(
-    federation: tuple[Processes, int], tmp_path: Path
+    task_name: str, federation: tuple[Processes, int], tmp_path: Path
 ) -> None:
+    task = get_task(task_name)
     procs, _ = federation
     out = tmp_path / "out"
     app = tmp_path / "app"  # a copy without runs/ and .venv: `flwr run` packs the folder
@@ -146,7 +199,7 @@ def test_two_rounds_on_the_deployment_engine(
             str(app),
             "test",
             "--run-config",
-            f'num-rounds=2 hidden-layers="16" out-dir="{out}"',
+            f'{RUN_CONFIG[task_name]} out-dir="{out}"',
             "--stream",
         ],
         capture_output=True,
@@ -158,14 +211,23 @@ def test_two_rounds_on_the_deployment_engine(
     assert run.returncode == 0, output[-4000:]
     # Flower's `--stream` returns 0 even when the ServerApp fails: check what it did.
     assert "aggregate_train: Received 2 results and 0 failures" in output, output[-4000:]
-    assert "round 2: AUC" in output, output[-4000:]
+    settings = task.settings({}, where="test", strict=False)
+    label, headline = task.headline(settings)
+    assert f"round 2: {label}" in output, output[-4000:]
 
     (folder,) = out.iterdir()
     rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["train_replies"] == 2 for r in rounds)
-    assert all(0.0 <= r["evaluate"]["roc-auc"] <= 1.0 for r in rounds)
+    assert all(r["train_replies"] == 2 and not r["rejected"] for r in rounds)
+    assert all(0.0 <= r["evaluate"][headline] <= 1.0 for r in rounds)
     summary = json.loads((folder / "summary.json").read_text())
+    assert summary["task"] == task_name
     assert summary["branches"] == 2 and summary["best_round"] in (1, 2)
-    state = load_file(str(folder / "model.safetensors"))
-    assert state["net.0.weight"].shape[0] == 16
+    model = task.load_model(folder)
+    if task_name == "churn":
+        assert model["net.0.weight"].shape[0] == 16
+    else:  # the item tower only: user factors stay in each branch's folder
+        assert set(model) == {"items.embedding.weight", "items.bias.weight"}
+        assert model["items.embedding.weight"].shape == (130, 8)
+        for name in ("north", "south"):  # each branch keeps its own, beside its export
+            assert (tmp_path / name / "user_factors.npz").is_file()

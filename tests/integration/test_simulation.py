@@ -132,7 +132,7 @@ def test_run_directory_contents(run: dict[str, object]) -> None:
         "model.safetensors",
         "summary.json",
         "report.md",
-        "auc_per_round.png",
+        "metric_per_round.png",
     ):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,36 +1,91 @@
-"""Each ML subpackage's ``__all__`` is its public API, and the code imports only that API."""
+"""Each ML subpackage's ``__all__`` is its public API, and the code imports only that API.
+
+Two kinds of ``__init__``: eager ones (plain imports and ``__all__``: client, server,
+simulation, strategies, tasks) and lazy ones (``_EXPORTS`` resolved on first use through
+`fedcrm._exports`: data, models, privacy). The checks below hold for both.
+"""
 
 import ast
 import importlib
 import inspect
+import re
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBPACKAGES = ("client", "data", "models", "privacy", "server", "simulation", "strategies")
+SUBPACKAGES = (
+    "client",
+    "data",
+    "models",
+    "privacy",
+    "server",
+    "simulation",
+    "strategies",
+    "tasks",
+)
 
 
 def _package(name: str) -> ModuleType:
     return importlib.import_module(f"fedcrm.{name}")
 
 
+def _is_lazy(package: ModuleType) -> bool:
+    return hasattr(package, "_EXPORTS")
+
+
+def _isort_key(name: str) -> tuple[int, list[str | int]]:
+    """Ruff's RUF022 order of an eager ``__all__``: CONSTANTS, then Classes, then functions."""
+    kind = 0 if name.isupper() else 1 if name[:1].isupper() else 2
+    return kind, [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _documented(member: object) -> bool:
+    """A fedcrm function or class has a docstring (other exports need none)."""
+    if not (inspect.isfunction(member) or inspect.isclass(member)):
+        return True
+    return not member.__module__.startswith("fedcrm.") or bool(inspect.getdoc(member))
+
+
 @pytest.mark.parametrize("name", SUBPACKAGES)
-def test_exported_members_resolve_to_their_definitions(name: str) -> None:
+def test_all_is_sorted_unique_and_resolves(name: str) -> None:
     package = _package(name)
     exported = package.__all__
-    assert exported == sorted(set(exported))
-    assert dir(package) == exported
+    assert len(exported) == len(set(exported))
+    # Lazy packages sort their generated __all__; ruff sorts an eager one (RUF022).
+    assert exported == sorted(exported, key=None if _is_lazy(package) else _isort_key)
+    for member_name in exported:
+        member = getattr(package, member_name)
+        assert _documented(member), f"fedcrm.{name}.{member_name} has no docstring"
+
+
+@pytest.mark.parametrize("name", [n for n in SUBPACKAGES if _is_lazy(_package(n))])
+def test_lazy_exports_resolve_to_their_definitions(name: str) -> None:
+    package = _package(name)
+    assert dir(package) == package.__all__
+    listed = [n for names in package._EXPORTS.values() for n in names]
+    assert sorted(listed) == package.__all__
     for module, names in package._EXPORTS.items():
         source = importlib.import_module(f"fedcrm.{name}.{module}")
         for member_name in names:
-            member = getattr(package, member_name)
-            assert member is getattr(source, member_name), member_name
-            if (
-                inspect.isfunction(member) or inspect.isclass(member)
-            ) and member.__module__.startswith("fedcrm."):
-                assert inspect.getdoc(member), f"fedcrm.{name}.{member_name} has no docstring"
+            assert getattr(package, member_name) is getattr(source, member_name), member_name
+
+
+@pytest.mark.parametrize("name", [n for n in SUBPACKAGES if not _is_lazy(_package(n))])
+def test_eager_exports_are_what_the_init_imports(name: str) -> None:
+    """Every name an eager ``__init__`` binds (other than its modules) is listed, and no more."""
+    package = _package(name)
+    bound = {
+        member_name
+        for member_name, member in vars(package).items()
+        if not member_name.startswith("_") and not inspect.ismodule(member)
+    }
+    assert bound == set(package.__all__)
+    init = Path(inspect.getfile(package))
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            assert node.module.startswith(f"fedcrm.{name}."), node.module  # its own modules
 
 
 @pytest.mark.parametrize("name", SUBPACKAGES)
@@ -39,32 +94,79 @@ def test_unknown_names_are_attribute_errors(name: str) -> None:
         _package(name).no_such_member  # noqa: B018
 
 
-def _cross_imports() -> list[tuple[str, str, str, str]]:
-    """(importing file, subpackage, module, name) of every import across subpackages."""
+def _public(sub: str, module: str, name: str) -> bool:
+    """Whether ``from fedcrm.<sub>.<module> import name`` imports ``fedcrm.<sub>``'s API."""
+    package = _package(sub)
+    if _is_lazy(package):
+        return name in package._EXPORTS.get(module, ())
+    if name not in package.__all__:
+        return False
+    try:
+        source = importlib.import_module(f"fedcrm.{sub}.{module}")
+    except ModuleNotFoundError:  # a removed module: reported with the private imports
+        return False
+    return getattr(source, name, None) is getattr(package, name)
+
+
+def _imports() -> list[tuple[Path, str | None, list[str], list[str]]]:
+    """(file, owning subpackage, imported module's dotted parts, names) of each fedcrm import."""
     found = []
     for root in ("src", "bench"):
         for path in sorted((ROOT / root).rglob("*.py")):
             parts = path.relative_to(ROOT).parts
             owner = parts[2] if parts[0] == "src" and len(parts) > 3 else None
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if not (isinstance(node, ast.ImportFrom) and node.module):
-                    continue
-                dotted = node.module.split(".")
-                if len(dotted) == 3 and dotted[:1] == ["fedcrm"] and dotted[1] in SUBPACKAGES:
-                    if dotted[1] == owner:
-                        continue
-                    found += [(str(path), dotted[1], dotted[2], a.name) for a in node.names]
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    dotted = node.module.split(".")
+                    if dotted[0] == "fedcrm":
+                        found.append((path, owner, dotted, [a.name for a in node.names]))
     return found
 
 
-def test_code_outside_a_subpackage_imports_only_its_public_api() -> None:
-    imports = _cross_imports()
-    assert imports  # the scan found the code
-    private = [
-        f"{path}: fedcrm.{sub}.{module}.{name}"
-        for path, sub, module, name in imports
-        if name not in _package(sub)._EXPORTS.get(module, ())
+def _cross_imports() -> list[tuple[Path, str, str, str]]:
+    """(file, subpackage, module, name) of ``from fedcrm.<sub>.<module> import name`` across
+    subpackages (``<module>`` one level down: a module, or a nested package such as
+    ``fedcrm.privacy.he``)."""
+    return [
+        (path, dotted[1], dotted[2], name)
+        for path, owner, dotted, names in _imports()
+        if len(dotted) == 3 and dotted[1] in SUBPACKAGES and dotted[1] != owner
+        for name in names
     ]
-    assert not private, "add these to the subpackage's _EXPORTS or stop using them:\n" + "\n".join(
-        private
+
+
+def test_the_scan_finds_the_cross_imports() -> None:
+    imports = _cross_imports()
+    assert {sub for _, sub, _, _ in imports} >= {"client", "server", "strategies", "tasks"}
+    assert any(path.is_relative_to(ROOT / "bench") for path, _, _, _ in imports)
+
+
+def test_code_outside_a_subpackage_imports_only_its_public_api() -> None:
+    private = [
+        f"{path.relative_to(ROOT)}: fedcrm.{sub}.{module}.{name}"
+        for path, sub, module, name in _cross_imports()
+        if not _public(sub, module, name)
+    ]
+    assert not private, (
+        "add these to the subpackage's __all__ (or _EXPORTS) or stop using them:\n"
+        + "\n".join(private)
+    )
+
+
+def test_the_core_reaches_a_task_only_through_fedcrm_tasks() -> None:
+    """No code of the core imports a task plug-in's modules (``fedcrm.tasks.<task>.<module>``).
+
+    The core runs every task through `fedcrm.tasks.Task`; a task's own modules are its
+    internals. Benchmarks of one task (``bench/``) may use them.
+    """
+    reaching = [
+        f"{path.relative_to(ROOT)}: {'.'.join(dotted)}"
+        for path, owner, dotted, _ in _imports()
+        if len(dotted) > 3
+        and dotted[1] == "tasks"
+        and owner != "tasks"
+        and not path.is_relative_to(ROOT / "bench")
+    ]
+    assert not reaching, "import these through fedcrm.tasks (the Task interface):\n" + "\n".join(
+        reaching
     )

@@ -1,38 +1,38 @@
-"""fedcrm.client: the public API of the subpackage.
+"""fedcrm.client: the branch side of every task.
 
-The branch side: Flower ClientApps and mods (consent gate, HE, SecAgg+, clipping) and local DP
-rounds.
-
-The names below are this subpackage's public API (what other subpackages, benchmarks and
-users import); they load on first use. Every other name is internal.
+One Flower ClientApp for every task (`make_client_app`), the consent gate, the budget-checked
+DP-SGD round, and the mods a round can pass through (HE, SecAgg+, client-side clipping).
 """
 
-from fedcrm._exports import lazy_exports
+from fedcrm.client.app import RunMessage, make_client_app
+from fedcrm.client.central_dp_mod import (
+    adaptive_clipping_mod,
+    central_clipping_mod,
+    fixed_clipping_mod,
+)
+from fedcrm.client.consent_gate import BranchConsent, GateResult, apply_gate, commit_round
+from fedcrm.client.dp_round import BranchPrivacy, accountant_key, accountant_path, private_round
+from fedcrm.client.he_mod import HEMod
+from fedcrm.client.secagg_client import SecAggUpdateRefused, secagg_mod
+from fedcrm.client.source import branch_dir, resolve_source
 
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "app": (
-        "branch_dir",
-        "make_client_app",
-    ),
-    "branch": (
-        "BranchData",
-        "write_export",
-    ),
-    "central_dp_mod": (
-        "adaptive_clipping_mod",
-        "fixed_clipping_mod",
-    ),
-    "consent_gate": (
-        "BranchConsent",
-        "apply_gate",
-    ),
-    "he_mod": ("HEMod",),
-    "rec_app": (
-        "load_user_factors",
-        "make_rec_client_app",
-        "user_factors_path",
-    ),
-    "secagg_client": ("secagg_mod",),
-}
-
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "BranchConsent",
+    "BranchPrivacy",
+    "GateResult",
+    "HEMod",
+    "RunMessage",
+    "SecAggUpdateRefused",
+    "accountant_key",
+    "accountant_path",
+    "adaptive_clipping_mod",
+    "apply_gate",
+    "branch_dir",
+    "central_clipping_mod",
+    "commit_round",
+    "fixed_clipping_mod",
+    "make_client_app",
+    "private_round",
+    "resolve_source",
+    "secagg_mod",
+]

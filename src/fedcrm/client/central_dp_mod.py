@@ -20,20 +20,15 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.privacy.branch_accounting import CentralDPMode
-
-KEY_CLIPPING_NORM = "clipping_norm"
-"""The key Flower's client-side wrappers put in the train config (``KEY_CLIPPING_NORM``)."""
-NORM_BIT = "norm_bit"
-"""The clipped bit ``adaptiveclipping_mod`` adds to the reply's metrics (``KEY_NORM_BIT``)."""
 
 
 def _applies(msg: Message) -> bool:
     if not msg.metadata.message_type.startswith(MessageType.TRAIN):
         return False
     config = msg.content.config_records.get(k.CONFIG)
-    return config is not None and KEY_CLIPPING_NORM in config
+    return config is not None and k.KEY_CLIPPING_NORM in config
 
 
 def _guarded(flower_mod: Mod, *, adaptive: bool) -> Mod:
@@ -55,7 +50,7 @@ def _guarded(flower_mod: Mod, *, adaptive: bool) -> Mod:
             if reply is None or not reply.content.metric_records:
                 raise
             if adaptive:
-                next(iter(reply.content.metric_records.values()))[NORM_BIT] = 0
+                next(iter(reply.content.metric_records.values()))[k.KEY_NORM_BIT] = 0
             return reply
         if (
             reply is not None

@@ -6,10 +6,11 @@ branch, for every message (federated statistics, training, evaluation):
 1. purpose binding: a branch whose data is not collected for the purpose (node config
    ``purposes``), or where no customer has valid consent for it, refuses the run with a
    structured :class:`~fedcrm.compliance.manifest.ConsentRefusal`;
-2. otherwise only rows whose customer's consent for the purpose is valid at the time of the
-   message are kept: given or renewed, not expired, not withdrawn or refused (an objection is
-   recorded as a withdrawal), not erased, and, when the branch sets ``retention-days``, decided
-   within the retention period. Everyone else is counted by :class:`ExclusionReason`;
+2. otherwise only the customers whose consent for the purpose is valid at the time of the
+   message are kept (the task keeps their rows: `fedcrm.tasks.Task.keep_subjects`): given or
+   renewed, not expired, not withdrawn or refused (an objection is recorded as a withdrawal),
+   not erased, and, when the branch sets ``retention-days``, decided within the retention
+   period. Everyone else is counted by :class:`ExclusionReason`;
 3. for training, the branch then commits to the customers it trains on: a round manifest
    (Merkle root over salted commitments, :class:`~fedcrm.compliance.manifest.ManifestArchive`)
    whose root, never the ids, goes into the reply.
@@ -23,13 +24,11 @@ registry at the time of every message, never a cached copy.
 """
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-
-import pandas as pd
 
 from fedcrm.compliance import ConsentRegistry, ConsentSnapshot, Purpose, open_store, sqlite_url
 from fedcrm.compliance.manifest import (
@@ -39,15 +38,9 @@ from fedcrm.compliance.manifest import (
     RefusalCode,
     RoundManifest,
 )
-from fedcrm.data.split import Split
 from fedcrm.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
-
-CONSENT_REFUSED_CODE = 4501
-"""Error code of a statistics or evaluation reply from a branch that refuses the run."""
-CONSENT_ERROR_CODE = 4502
-"""Error code of a reply from a branch whose consent gate could not run (store unreachable)."""
 
 
 def parse_purposes(text: str) -> frozenset[Purpose]:
@@ -109,20 +102,19 @@ class BranchConsent:
 
 @dataclass(frozen=True)
 class GateResult:
-    """The rows a round may use, and why the others were left out."""
+    """The customers a round may use, and why the others were left out."""
 
-    split: Split
+    kept: set[str]
+    """Customers whose consent for the purpose is valid."""
     snapshot: ConsentSnapshot
     rows_before: int
-    """Training rows before the gate."""
+    """Training customers before the gate."""
+    train_customers: list[str]
+    """The training customers kept (what the round manifest commits to)."""
     excluded: dict[str, int]
-    """Training rows left out, by :class:`ExclusionReason` value."""
+    """Training customers left out, by :class:`ExclusionReason` value."""
     excluded_by_split: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Rows left out of each split (``train``, ``val``, ``test``), by reason."""
-
-    def train_customers(self, id_column: str) -> list[str]:
-        """The pseudonymous ids of the training rows kept."""
-        return [str(c) for c in self.split.train[id_column].tolist()]
+    """Customers left out of each part (``train``, ``val``, ``test``), by reason."""
 
 
 def exclusion_reasons(
@@ -144,24 +136,24 @@ def exclusion_reasons(
     return decided
 
 
-def _keep(frame: pd.DataFrame, id_column: str, kept: set[str]) -> pd.DataFrame:
-    # A set lookup per row: Series.isin converts the whole set for Arrow strings (slower).
-    mask = [str(customer) in kept for customer in frame[id_column].tolist()]
-    return frame[mask].reset_index(drop=True)
-
-
 def apply_gate(
-    split: Split,
+    subjects: Mapping[str, Sequence[str]],
     *,
-    id_column: str,
     purpose: Purpose,
     consent: BranchConsent,
     at: datetime,
 ) -> GateResult | ConsentRefusal:
-    """Gate a branch's rows for a run's purpose (module docstring, steps 1 and 2).
+    """Gate a branch's customers for a run's purpose (module docstring, steps 1 and 2).
+
+    Args:
+        subjects: The customers of each part of the branch's data (``train``, ``val``,
+            ``test``), as the task lists them (`fedcrm.tasks.Task.subjects`).
+        purpose: The run's declared purpose.
+        consent: The branch's registry and what its data is collected for.
+        at: The time of the message.
 
     Returns:
-        The kept rows with the exclusion counts, or the branch's refusal of the run.
+        The customers kept with the exclusion counts, or the branch's refusal of the run.
 
     Raises:
         fedcrm.compliance.ComplianceError: The registry cannot be read.
@@ -175,13 +167,12 @@ def apply_gate(
             f"this branch's data is collected for {collected}, not for {purpose.value}",
         )
     snapshot = consent.registry().snapshot(consent.branch, purpose, at)
-    frames = (split.train, split.val, split.test)
-    customers: set[str] = set()
-    for frame in frames:
-        customers.update(str(c) for c in frame[id_column].tolist())
+    customers = {c for part in subjects.values() for c in part}
     decided = exclusion_reasons(customers, snapshot, retention=consent.retention)
     kept = {c for c, reason in decided.items() if reason is None}
-    if not kept or not any(str(c) in kept for c in split.train[id_column].tolist()):
+    train = list(subjects.get("train", ()))
+    train_kept = [c for c in train if c in kept]
+    if not train_kept:
         return ConsentRefusal(
             consent.branch,
             purpose,
@@ -190,27 +181,27 @@ def apply_gate(
             f"({len(customers)} customers, consent snapshot {snapshot.version})",
         )
     by_split: dict[str, dict[str, int]] = {}
-    for name, frame in zip(("train", "val", "test"), frames, strict=True):
+    for name, part in subjects.items():
         counts: dict[str, int] = {}
-        for customer in frame[id_column].tolist():
-            reason = decided[str(customer)]
+        for customer in part:
+            reason = decided[customer]
             if reason is not None:
                 counts[reason.value] = counts.get(reason.value, 0) + 1
         by_split[name] = counts
-    gated = Split(*(_keep(frame, id_column, kept) for frame in frames))
-    return GateResult(gated, snapshot, len(split.train), dict(by_split["train"]), by_split)
+    return GateResult(
+        kept, snapshot, len(train), train_kept, dict(by_split.get("train", {})), by_split
+    )
 
 
 def commit_round(
     result: GateResult,
     *,
-    id_column: str,
     consent: BranchConsent,
     run_id: str,
     server_round: int,
 ) -> RoundManifest:
     """Write the round manifest over the training rows kept (module docstring, step 3)."""
-    customers: Sequence[str] = result.train_customers(id_column)
+    customers = result.train_customers
     manifest = consent.archive().commit(
         run_id=run_id,
         server_round=server_round,

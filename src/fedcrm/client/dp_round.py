@@ -1,45 +1,42 @@
-"""A branch's record-level DP round: plan once, check the budget, train privately, account.
+"""A branch's DP-SGD round, for every task: plan once, check the budget, train, account.
 
 The branch enforces its own budget: the check runs before any training, against the branch's
-persistent accountant (JSON on the branch, reloaded every round and after any restart), and a
-round that would take the cumulative ε past the budget of (model, purpose) is refused with a
-structured :class:`fedcrm.privacy.federated.PrivacyReport`; no parameters are sent. An admitted
-round trains with at most the admitted number of steps, records the steps it took and saves the
-accountant before the reply leaves the branch.
+persistent accountant (HMAC-protected JSON on the branch, reloaded every round and after any
+restart), and a round that would take the cumulative ε past the budget of (model, purpose) is
+refused with a structured :class:`fedcrm.privacy.federated.PrivacyReport`; no parameters are
+sent. An admitted round trains with at most the admitted number of steps, records the steps it
+took and saves the accountant before the reply leaves the branch.
 
-Notes:
-    The noise multiplier is planned once per federation from (target ε, δ, planned rounds,
-    local epochs, batch size / rows) by :func:`fedcrm.privacy.accounting.plan_for_config`. Each
-    branch plans for its own row count; the plan is cached on the node (``context.state`` in
-    the ClientApp) and, being a deterministic function of these inputs, is the same after a
-    restart.
+The task says what a DP-SGD row is (`fedcrm.tasks.Task.private_rows`: a record, or a customer
+with all their rows) and trains (`Task.train_private`); σ is planned once per federation from
+(target ε, δ, planned rounds, local epochs, batch / rows) and cached in the node's
+``Context.state`` (a deterministic function of these inputs: the same after a restart).
 """
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+from flwr.app import ConfigRecord, RecordDict
 
-from fedcrm.client import branch
-from fedcrm.data.preprocess import Scaler
-from fedcrm.data.schema import ChurnSchema
-from fedcrm.data.split import Split
-from fedcrm.models.churn import TrainSettings
 from fedcrm.privacy.accounting import BranchAccountant, NoisePlan, plan_for_config
 from fedcrm.privacy.budget import BudgetDecision
 from fedcrm.privacy.config import DPConfig
 from fedcrm.privacy.dp_sgd import OPACUS_VERSION
-from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport, PrivacyUnitName
+from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport
+from fedcrm.tasks import Arrays, PrivateRows, PrivateUpdate, RoundContext, Task
 
 logger = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _KEY_LABEL = b"fedcrm/branch-accountant/v1"
+_PLAN_STATE = "dp-plan"
 
 
 def accountant_path(privacy_dir: Path, *, model: str, purpose: str) -> Path:
@@ -54,48 +51,62 @@ def accountant_key(pseudonymisation_key: bytes | None) -> bytes | None:
     return hmac.new(pseudonymisation_key, _KEY_LABEL, hashlib.sha256).digest()
 
 
-def privacy_unit_of(split: Split, schema: ChurnSchema) -> PrivacyUnitName:
-    """``"customer"`` when each training row is a distinct customer, else ``"record"``."""
-    ids = split.train[schema.id_column]
-    return "customer" if bool(ids.notna().all()) and bool(ids.is_unique) else "record"
-
-
 @dataclass(frozen=True)
-class DPRoundOutcome:
-    """What a DP round produced: new parameters (admitted only) and the privacy report."""
+class BranchPrivacy:
+    """Where and under which name a branch keeps its privacy state.
 
-    report: PrivacyReport
-    state_dict: dict[str, torch.Tensor] | None
-    num_examples: int
-
-
-@dataclass(frozen=True)
-class BranchDPContext:
-    """Where and under which name a branch keeps its privacy state."""
+    Attributes:
+        privacy_dir: The folder of its accountant files.
+        branch_name: Its name in the ledger.
+        key: HMAC key of the accountant files (`accountant_key`; ``None``: SHA-256 only).
+    """
 
     privacy_dir: Path
     branch_name: str
     key: bytes | None = None
-    """HMAC key of the accountant files (``None``: SHA-256 integrity only)."""
 
 
-def plan_branch(
-    dp: FederatedDPConfig, *, num_rows: int, settings: TrainSettings, rounds: int
+@dataclass(frozen=True)
+class DPRoundOutcome:
+    """The privacy report, and the update when the round was admitted."""
+
+    report: PrivacyReport
+    update: PrivateUpdate | None
+
+
+def plan(
+    dp: FederatedDPConfig, rows: PrivateRows, *, rounds: int, state: RecordDict
 ) -> tuple[DPConfig, NoisePlan]:
-    """The branch's DP configuration and the noise planned for the whole federation.
+    """The branch's DP configuration and σ for the federation, cached in ``state``.
 
     Raises:
         fedcrm.privacy.config.InvalidDPConfig: A value is out of range.
-        fedcrm.privacy.accounting.AccountingError: The batch exceeds the branch's rows, or no
-            noise multiplier reaches the target.
+        fedcrm.privacy.accounting.AccountingError: The batch exceeds the rows, or no σ reaches
+            the target.
     """
     config = dp.for_branch(
-        num_rows=num_rows,
-        batch_size=settings.batch_size,
-        local_epochs=settings.epochs,
-        rounds=rounds,
+        num_rows=rows.rows, batch_size=rows.batch_size, local_epochs=rows.epochs, rounds=rounds
     )
-    return config, plan_for_config(config, num_rows=num_rows)
+    fingerprint = json.dumps(
+        [dp.to_run_config(include_ledger=False), rows.rows, rows.batch_size, rows.epochs, rounds],
+        sort_keys=True,
+    )
+    cached = state.config_records.get(_PLAN_STATE)
+    if cached is not None and cached.get("fingerprint") == fingerprint:
+        return config, NoisePlan(**json.loads(str(cached["plan"])))
+    noise = plan_for_config(config, num_rows=rows.rows)
+    state.config_records[_PLAN_STATE] = ConfigRecord(
+        {"fingerprint": fingerprint, "plan": json.dumps(asdict(noise))}
+    )
+    logger.info(
+        "DP noise planned for %d rounds: sigma %.4f, q %.5f, %d steps/round, epsilon %.4f",
+        rounds,
+        noise.noise_multiplier,
+        noise.sample_rate,
+        noise.steps_per_round,
+        noise.planned_epsilon,
+    )
+    return config, noise
 
 
 def round_report(
@@ -106,7 +117,7 @@ def round_report(
     dp: FederatedDPConfig,
     config: DPConfig,
     plan: NoisePlan,
-    unit: PrivacyUnitName,
+    rows: PrivateRows,
     steps: int,
     after: float,
 ) -> PrivacyReport:
@@ -123,7 +134,7 @@ def round_report(
         branch=branch_name,
         model=dp.model,
         purpose=dp.purpose,
-        privacy_unit=unit,
+        privacy_unit=rows.unit,
         epsilon_round=(after - before) if decision.admitted else would_add,
         epsilon_before=before,
         epsilon=after,
@@ -140,49 +151,47 @@ def round_report(
 
 
 def private_round(
-    split: Split,
-    schema: ChurnSchema,
-    scaler: Scaler,
-    global_state: dict[str, torch.Tensor],
-    settings: TrainSettings,
+    task: Task[Any, Any],
+    data: object,
+    arrays: Arrays,
+    settings: object,
+    ctx: RoundContext,
     *,
     dp: FederatedDPConfig,
-    config: DPConfig,
-    plan: NoisePlan,
-    where: BranchDPContext,
-    seed: int | None = None,
+    rounds: int,
+    where: BranchPrivacy,
 ) -> DPRoundOutcome:
-    """Run one budget-checked DP-SGD round on the branch.
+    """Run one budget-checked DP-SGD round of ``task`` on the branch.
 
     Args:
-        split: The branch's rows.
-        schema: Declared schema.
-        scaler: The federated scaler.
-        global_state: The global model.
-        settings: Local optimisation settings.
+        task: The run's task.
+        data: The branch's (consent-gated) data.
+        arrays: The global model.
+        settings: The task's settings.
+        ctx: The round (the plan is cached in ``ctx.state``).
         dp: The run's DP settings (model and purpose of the budget).
-        config: The branch's DP configuration (from :func:`plan_branch`).
-        plan: The noise planned for the federation (from :func:`plan_branch`).
+        rounds: The planned rounds (σ covers all of them).
         where: The branch's privacy folder, name and key.
-        seed: Noise seed for reproducible experiments only (``None``: OS CSPRNG).
 
     Returns:
-        The report and, when admitted, the new parameters.
+        The report and, when admitted, the update.
 
     Raises:
-        fedcrm.privacy.accounting.AccountantStateError: The stored accountant is corrupted or
-            was written by another accountant (nothing is overwritten).
+        fedcrm.privacy.accounting.AccountantStateError: The stored accountant is corrupted,
+            was written by another accountant or under another key (nothing is overwritten).
+        fedcrm.privacy.accounting.AccountingError: σ cannot be planned.
     """
+    rows = task.private_rows(data, settings)
+    config, noise = plan(dp, rows, rounds=rounds, state=ctx.state)
     path = accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
     accountant = BranchAccountant.open(path, accountant=config.accountant, key=where.key)
     decision = accountant.would_exceed(
-        noise_multiplier=plan.noise_multiplier,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps_per_round,
+        noise_multiplier=noise.noise_multiplier,
+        sample_rate=noise.sample_rate,
+        steps=noise.steps_per_round,
         delta=config.delta,
         budget=config.budget,
     )
-    unit = privacy_unit_of(split, schema)
 
     def report(*, reason: str, steps: int, after: float) -> PrivacyReport:
         return round_report(
@@ -191,32 +200,22 @@ def private_round(
             branch_name=where.branch_name,
             dp=dp,
             config=config,
-            plan=plan,
-            unit=unit,
+            plan=noise,
+            rows=rows,
             steps=steps,
             after=after,
         )
 
     if not decision.admitted:
         logger.warning("%s: round refused: %s", where.branch_name, decision.reason)
-        return DPRoundOutcome(
-            report(reason=decision.reason, steps=0, after=decision.current_epsilon),
-            None,
-            len(split.train),
-        )
-    out = branch.train_private(
-        split, schema, scaler, global_state, settings, dp=config, plan=plan, seed=seed
-    )
-    if out.event is not None:
-        accountant.record(out.event)
+        refused = report(reason=decision.reason, steps=0, after=decision.current_epsilon)
+        return DPRoundOutcome(refused, None)
+    update = task.train_private(data, arrays, settings, ctx, config=config, plan=noise)
+    if update.event is not None:
+        accountant.record(update.event)
         accountant.save(path, key=where.key)
     after = accountant.epsilon(config.delta)
-    unit_note = (
-        "privacy unit customer: one row per customer, so record-level DP-SGD is customer-level"
-        if unit == "customer"
-        else "privacy unit record: customers may have several rows"
-    )
-    steps = 0 if out.event is None else out.event.steps
+    steps = 0 if update.event is None else update.event.steps
     logger.info(
         "%s: DP round admitted, epsilon %.4f -> %.4f (delta %.3g, %d steps)",
         where.branch_name,
@@ -225,8 +224,5 @@ def private_round(
         config.delta,
         steps,
     )
-    return DPRoundOutcome(
-        report(reason=f"{decision.reason}; {unit_note}", steps=steps, after=after),
-        out.state_dict,
-        out.num_examples,
-    )
+    admitted = report(reason=f"{decision.reason}; {rows.note}", steps=steps, after=after)
+    return DPRoundOutcome(admitted, update)

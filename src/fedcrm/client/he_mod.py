@@ -40,29 +40,27 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.distributed_dp import DistributedNoise, secure_generator
 from fedcrm.privacy.he import EncryptedUpdate, HEContext, HEError, decrypt, encrypt_update
 from fedcrm.privacy.keys import current_generation, load_secret_context
-from fedcrm.strategies.he import (
+from fedcrm.wire import (
     HE_AGGREGATE,
     HE_COUNT,
     HE_KEY_ID,
     HE_RECORD,
     HE_ROUND,
     HE_UPDATE,
+    NODE_HE_KEY_DIR,
     apply_aggregate,
     flatten,
     pre_weight,
 )
 
-__all__ = ["NODE_HE_KEY_DIR", "HEMod"]
+__all__ = ["HEMod"]
 
 logger = logging.getLogger(__name__)
-
-NODE_HE_KEY_DIR = "he-key-dir"
-"""node_config key naming the key directory when the mod is built without one (deployment)."""
 
 _STATE_MODEL = "he-global-model"
 _STATE_META = "he-global-meta"
@@ -79,7 +77,7 @@ class HEMod:
         key_dir: The key directory from ``fedcrm keys init`` (the branch's copy: it loads the
             current generation's ``secret.tenseal``, mode 0600). ``None``: read it from the
             node config key ``he-key-dir``.
-        arrays_key: Record name of the model in messages (``fedcrm.constants.ARRAYS``).
+        arrays_key: Record name of the model in messages (``fedcrm.wire.ARRAYS``).
         metrics_key: Record name of the reply metrics.
         weight_key: Metric holding the example count ``n_k`` used as the pre-weight.
 

@@ -5,7 +5,7 @@ out), while the branch's train handler (`fedcrm.client.app`) speaks the Message 
 the two sits a thin translation: the legacy FitIns becomes the same train message a plaintext
 round sends (named arrays in ``arrays``, settings in ``config``), and the handler's reply
 becomes the FitRes the mod quantizes, masks and sends. Training itself is the one code path
-of every mode (`fedcrm.client.branch.train`).
+of every mode (the task's ``train``).
 
 Before the update leaves, the branch checks it against the round's quantization range: an
 update that would be clipped (``|w| * n / max_weight > clipping range``) or a count above
@@ -27,13 +27,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import FedCrmError
-from fedcrm.strategies.secagg import (
-    KEY_PARAM_NAMES,
-    KEY_SECAGG_CLIPPING_RANGE,
-    KEY_SECAGG_MAX_WEIGHT,
-)
+from fedcrm.wire import KEY_PARAM_NAMES, KEY_SECAGG_CLIPPING_RANGE, KEY_SECAGG_MAX_WEIGHT
 
 __all__ = ["SecAggUpdateRefused", "secagg_mod"]
 

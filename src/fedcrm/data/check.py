@@ -10,7 +10,7 @@ from fedcrm.exceptions import DataError, SchemaViolation
 _MAX_EXAMPLES = 5
 
 
-def _rows(mask: "pd.Series[bool]") -> str:
+def name_rows(mask: "pd.Series[bool]") -> str:
     """Name the first few offending rows (1-based data rows, header excluded)."""
     idx = [int(i) + 1 for i in mask[mask].index[:_MAX_EXAMPLES]]
     more = int(mask.sum()) - len(idx)
@@ -78,23 +78,25 @@ def validate_frame(frame: pd.DataFrame, schema: ChurnSchema) -> list[str]:
     if schema.id_column in frame.columns:
         ids = frame[schema.id_column]
         if ids.isna().any():
-            problems.append(f"{schema.id_column}: empty customer id in row(s) {_rows(ids.isna())}")
+            problems.append(
+                f"{schema.id_column}: empty customer id in row(s) {name_rows(ids.isna())}"
+            )
         dup = ids.duplicated(keep=False) & ids.notna()
         if dup.any():
             problems.append(
                 f"{schema.id_column}: {int(ids[dup].nunique())} customer id(s) appear more than "
-                f"once, row(s) {_rows(dup)}; a churn export has one row per customer"
+                f"once, row(s) {name_rows(dup)}; a churn export has one row per customer"
             )
 
     if schema.label in frame.columns:
         label = frame[schema.label].astype("string")
         if label.isna().any():
-            problems.append(f"{schema.label}: missing label in row(s) {_rows(label.isna())}")
+            problems.append(f"{schema.label}: missing label in row(s) {name_rows(label.isna())}")
         bad = label.notna() & ~label.isin(schema.label_values)
         if bad.any():
             found = sorted(set(label[bad].dropna()))[:_MAX_EXAMPLES]
             problems.append(
-                f"{schema.label}: unknown label value(s) {found} in row(s) {_rows(bad)}; "
+                f"{schema.label}: unknown label value(s) {found} in row(s) {name_rows(bad)}; "
                 f"use {list(schema.label_values)}"
             )
 
@@ -108,11 +110,11 @@ def validate_frame(frame: pd.DataFrame, schema: ChurnSchema) -> list[str]:
             if bad.any():
                 found = sorted({str(v) for v in col[bad]})[:_MAX_EXAMPLES]
                 problems.append(
-                    f"{feature.name}: expected a number, found {found} in row(s) {_rows(bad)}"
+                    f"{feature.name}: expected a number, found {found} in row(s) {name_rows(bad)}"
                 )
             if not feature.nullable and col.isna().any():
                 problems.append(
-                    f"{feature.name}: missing value in row(s) {_rows(col.isna())}; "
+                    f"{feature.name}: missing value in row(s) {name_rows(col.isna())}; "
                     "this column may not be empty"
                 )
         elif feature.kind is FeatureKind.BINARY:
@@ -121,7 +123,7 @@ def validate_frame(frame: pd.DataFrame, schema: ChurnSchema) -> list[str]:
             if bad.any():
                 found = sorted({str(v) for v in col[bad]})[:_MAX_EXAMPLES]
                 problems.append(
-                    f"{feature.name}: expected 0 or 1, found {found} in row(s) {_rows(bad)}"
+                    f"{feature.name}: expected 0 or 1, found {found} in row(s) {name_rows(bad)}"
                 )
         else:
             text = col.astype("string")
@@ -129,7 +131,7 @@ def validate_frame(frame: pd.DataFrame, schema: ChurnSchema) -> list[str]:
             if bad.any():
                 found = sorted({str(v) for v in col[bad]})[:_MAX_EXAMPLES]
                 problems.append(
-                    f"{feature.name}: unknown categor(y/ies) {found} in row(s) {_rows(bad)}; "
+                    f"{feature.name}: unknown categor(y/ies) {found} in row(s) {name_rows(bad)}; "
                     f"allowed: {list(feature.categories)}"
                 )
     return problems

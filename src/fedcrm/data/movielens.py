@@ -324,6 +324,21 @@ class LeaveOneOutSplit:
             return self.with_validation_in_train().train
         return self.train
 
+    def keep_users(self, keep: NDArray[np.bool_]) -> "LeaveOneOutSplit":
+        """Return the split of the users where ``keep`` (one flag per user) is true.
+
+        The index spaces stay as they are, so a branch's user factors keep their rows when the
+        consent gate leaves some customers out.
+        """
+        evaluated = keep[self.eval_users]
+        return LeaveOneOutSplit(
+            train=self.train.select(keep[self.train.user]),
+            eval_users=self.eval_users[evaluated],
+            val_items=self.val_items[evaluated],
+            test_items=self.test_items[evaluated],
+            validation_in_train=self.validation_in_train,
+        )
+
     def restrict_users(self, users: IntArray) -> "LeaveOneOutSplit":
         """Return the split of ``users`` only, renumbered ``0..len(users)-1`` in that order.
 
@@ -391,6 +406,11 @@ class SampledNegatives:
     users: IntArray
     items: NDArray[np.int64]
     seed: int
+
+    def keep_users(self, keep: NDArray[np.bool_]) -> "SampledNegatives":
+        """Return the rows of the users where ``keep`` is true (`LeaveOneOutSplit.keep_users`)."""
+        rows = keep[self.users]
+        return SampledNegatives(users=self.users[rows], items=self.items[rows], seed=self.seed)
 
     def restrict_users(self, users: IntArray, n_users: int) -> "SampledNegatives":
         """Return the rows of ``users`` only, renumbered as `LeaveOneOutSplit.restrict_users` does.

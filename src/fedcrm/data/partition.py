@@ -3,20 +3,24 @@
 Flower Datasets' partitioners do the splitting; they run offline on a Hugging Face
 ``datasets.Dataset`` built from the in-memory frame (``HF_DATASETS_OFFLINE=1`` is set by
 `fedcrm._env`). Every partitioner here is deterministic for a seed, and the partitions are
-disjoint and cover every row (checked by `partition_indices` before it returns).
+disjoint and cover every row (checked by `partition_indices` before it returns). Flower
+Datasets and ``datasets`` load only when a simulation partitions data (their import costs over
+a second, and no branch process needs them).
 """
 
 import logging
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
 from fedcrm.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,9 @@ class Partition:
     indices: np.ndarray
 
 
-def _dataset(frame: pd.DataFrame, columns: list[str]) -> Dataset:
+def _dataset(frame: pd.DataFrame, columns: list[str]) -> "Dataset":
+    from datasets import Dataset
+
     data = frame[columns].reset_index(drop=True).copy()
     data[_ROW] = np.arange(len(data))
     return Dataset.from_pandas(data, preserve_index=False)
@@ -110,6 +116,8 @@ def partition_indices(
     else:
         work, kind_eff = frame, kind
 
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if kind_eff is PartitionKind.NATURAL:
         parts = _natural(work, column)
     else:
@@ -136,6 +144,8 @@ def partition_indices(
 
 
 def _natural(frame: pd.DataFrame, column: str) -> list[Partition]:
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     partitioner = NaturalIdPartitioner(partition_by=column)
     partitioner.dataset = _dataset(frame, [column])
     rows = [
@@ -149,7 +159,7 @@ def _natural(frame: pd.DataFrame, column: str) -> list[Partition]:
 
 
 def _numbered(
-    partitioner: DirichletPartitioner | IidPartitioner,
+    partitioner: Any,
     frame: pd.DataFrame,
     label: str,
     original_rows: np.ndarray,

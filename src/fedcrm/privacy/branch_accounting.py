@@ -63,7 +63,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.accounting import (
     AccountingError,
@@ -72,7 +72,6 @@ from fedcrm.privacy.accounting import (
     plan_noise_multiplier,
 )
 from fedcrm.privacy.config import ACCOUNTANTS, AccountantName
-from fedcrm.strategies.guardrails import AggregationMode, ServerClipping, check_combination
 
 CENTRAL_SAMPLE_RATE: Final = 1.0
 """No amplification by sampling is claimed (Flower samples branches without Poisson sampling)."""
@@ -297,7 +296,13 @@ class CentralDPConfig:
             raise ConfigError("central DP: " + "; ".join(problems))
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, object]) -> "CentralDPConfig | None":
+    def from_run_config(
+        cls,
+        run_config: Mapping[str, object],
+        *,
+        model: str = "churn",
+        purpose: str = "churn-model-training",
+    ) -> "CentralDPConfig | None":
         """Build from Flower's run config (the deployed ServerApp, ``flwr run --run-config``).
 
         The keys are the ``[central-dp]`` keys prefixed with ``central-dp-``
@@ -305,17 +310,18 @@ class CentralDPConfig:
         them with values that mean "off": ``central-dp-mode = ""`` (or ``"none"``, or absent)
         is a run without central DP, and a ``central-dp-target-epsilon``,
         ``central-dp-noise-multiplier``, ``central-dp-clipped-count-stddev``,
-        ``central-dp-max-epsilon`` or ``central-dp-min-honest-branches`` of 0 means "not set".
-        The combination is checked against ``aggregation-mode`` and ``strategy`` of the same
-        run config (the guardrails).
+        ``central-dp-max-epsilon`` or ``central-dp-min-honest-branches`` of 0 means "not set";
+        an absent or empty ``central-dp-model`` / ``central-dp-purpose`` takes ``model`` /
+        ``purpose`` (the run's task's).
+        The combination with the run's aggregation is checked by the wiring
+        (`fedcrm.server.wiring.check_plan`).
 
         Returns:
             The settings, or ``None`` when the mode is off.
 
         Raises:
-            ConfigError: A ``central-dp-*`` key is unknown, a value is invalid, a target or
-                noise multiplier is set without a mode, or the guardrails refuse the
-                combination (:class:`fedcrm.strategies.guardrails.CombinationRefused`).
+            ConfigError: A ``central-dp-*`` key is unknown, a value is invalid, or a target or
+                noise multiplier is set without a mode.
         """
         unknown = sorted(
             key for key in run_config if key.startswith(RUN_CONFIG_PREFIX) and key not in RUN_KEYS
@@ -324,10 +330,12 @@ class CentralDPConfig:
             raise ConfigError(
                 f"central DP: unknown run-config key(s) {unknown}; known keys: {sorted(RUN_KEYS)}"
             )
-        values: dict[str, object] = {}
+        values: dict[str, object] = {"model": model, "purpose": purpose}
         for key, name in RUN_KEYS.items():
             value = run_config.get(key)
             if value is None or (name in _ZERO_IS_UNSET and _real(value) and value == 0):
+                continue
+            if name in ("model", "purpose") and value == "":
                 continue
             if isinstance(value, int) and not isinstance(value, bool) and name in _FLOATS:
                 value = float(value)
@@ -347,29 +355,7 @@ class CentralDPConfig:
             raise ConfigError(
                 f"{exc} (run-config keys: {RUN_CONFIG_PREFIX}<key>, e.g. {k.KEY_CENTRAL_DP_MODE})"
             ) from exc
-        raw = str(run_config.get(k.KEY_AGGREGATION_MODE) or AggregationMode.PLAIN)
-        try:
-            aggregation = AggregationMode(raw)
-        except ValueError as exc:
-            allowed = [str(m) for m in AggregationMode]
-            raise ConfigError(
-                f"{k.KEY_AGGREGATION_MODE} must be one of {allowed}, got {raw!r}"
-            ) from exc
-        check_combination(
-            mode=aggregation,
-            strategy=str(run_config.get(k.KEY_STRATEGY) or "fedavg"),
-            server_clipping=cfg.server_clipping,
-            central_dp=True,
-            distributed_dp=cfg.mode is CentralDPMode.DISTRIBUTED,
-        )
         return cfg
-
-    @property
-    def server_clipping(self) -> ServerClipping:
-        """What the server clips, in the guardrails' terms (none for the client-side modes)."""
-        if self.mode.client_side or self.mode is CentralDPMode.DISTRIBUTED:
-            return ServerClipping.NONE
-        return ServerClipping.ADAPTIVE if self.mode.adaptive else ServerClipping.FIXED
 
     @property
     def budget(self) -> float | None:
@@ -478,8 +464,10 @@ _FLOATS: Final = frozenset(
 )
 
 
-def parse_central_dp(section: Mapping[str, Any]) -> CentralDPConfig:
-    """Build the settings from a ``[central-dp]`` table.
+def parse_central_dp(
+    section: Mapping[str, Any], *, model: str = "churn", purpose: str = "churn-model-training"
+) -> CentralDPConfig:
+    """Build the settings from a ``[central-dp]`` table (``model`` / ``purpose``: the task's).
 
     Raises:
         ConfigError: A key is unknown or a value invalid (every problem listed).
@@ -491,8 +479,10 @@ def parse_central_dp(section: Mapping[str, Any]) -> CentralDPConfig:
         )
     if "mode" not in section:
         raise ConfigError(f"[central-dp] needs mode, one of {[m.value for m in CentralDPMode]}")
+    values: dict[str, Any] = {"model": model, "purpose": purpose}
+    values.update({TOML_KEYS[key]: value for key, value in section.items()})
     try:
-        return CentralDPConfig(**{TOML_KEYS[key]: value for key, value in section.items()})
+        return CentralDPConfig(**values)
     except TypeError as exc:  # pragma: no cover - all keys are mapped to fields
         raise ConfigError(f"[central-dp]: {exc}") from exc
 

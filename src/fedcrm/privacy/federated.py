@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Final, Literal, cast, get_args
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.config import (
     ACCOUNTANTS,
@@ -157,12 +157,20 @@ class FederatedDPConfig:
         )
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, object]) -> "FederatedDPConfig | None":
+    def from_run_config(
+        cls,
+        run_config: Mapping[str, object],
+        *,
+        model: str = DEFAULT_MODEL,
+        purpose: str = DEFAULT_PURPOSE,
+    ) -> "FederatedDPConfig | None":
         """Build from flat kebab-case keys (run config or a train message's config).
 
         ``None`` when ``dp-target-epsilon`` is absent or 0 (a run without DP; Flower's
         ``[tool.flwr.app.config]`` can declare it as 0 so that ``--run-config`` may set it). A
-        ``dp-delta``, ``dp-noise-multiplier`` or ``dp-max-epsilon`` of 0 means "not set".
+        ``dp-delta``, ``dp-noise-multiplier`` or ``dp-max-epsilon`` of 0 means "not set"; an
+        absent or empty ``privacy-model`` / ``privacy-purpose`` takes ``model`` / ``purpose``
+        (the run's task's).
 
         Raises:
             InvalidDPConfig: A ``dp-*`` key is unknown, or a value is invalid.
@@ -177,14 +185,14 @@ class FederatedDPConfig:
         target = run_config.get(k.KEY_DP_TARGET_EPSILON)
         if target is None or (_is_real(target) and target == 0):
             return None
-        values: dict[str, object] = {}
+        values: dict[str, object] = {"model": model, "purpose": purpose}
         for key, name in RUN_CONFIG_KEYS.items():
             if key not in run_config:
                 continue
             value = run_config[key]
             if name in _OPTIONAL_ZERO_IS_UNSET and _is_real(value) and value == 0:
                 continue
-            if name == "ledger_url" and value == "":
+            if name in ("ledger_url", "model", "purpose") and value == "":
                 continue
             values[name] = value
         return cls(**values)  # type: ignore[arg-type]

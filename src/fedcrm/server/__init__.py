@@ -1,41 +1,47 @@
-"""fedcrm.server: the public API of the subpackage.
+"""fedcrm.server: the coordinator of every task.
 
-The coordinator: Flower ServerApps, the round loops, run audit, outputs and traffic metering.
-
-The names below are this subpackage's public API (what other subpackages, benchmarks and
-users import); they load on first use. Every other name is internal.
+One Flower ServerApp (`make_server_app`) over one round loop (`run_federation`), the screening
+of replies, the strategy wiring shared by simulation and deployment, the run's audit trail,
+its outputs and the traffic meter.
 """
 
-from fedcrm._exports import lazy_exports
+from fedcrm.server.app import deployed_wiring, make_server_app
+from fedcrm.server.config import FederationConfig
+from fedcrm.server.loop import StrategyWrapper, run_federation, wait_for_nodes
+from fedcrm.server.outputs import write_outputs
+from fedcrm.server.result import (
+    FederationResult,
+    FederationStopped,
+    PrivacyEvent,
+    RoundCallback,
+    RoundRecord,
+)
+from fedcrm.server.run_audit import ComplianceConfig, RunAudit
+from fedcrm.server.screening import ledger_entry
+from fedcrm.server.traffic import MeteredGrid, RoundTraffic, TrafficMeter, wire_size
+from fedcrm.server.wiring import AggregationConfig, Wiring, check_plan
 
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "app": ("make_server_app",),
-    "config": ("FederationConfig",),
-    "federation": (
-        "FederationResult",
-        "FederationStopped",
-        "RoundRecord",
-        "StrategyWrapper",
-        "run_federation",
-    ),
-    "rec_app": ("make_rec_server_app",),
-    "rec_federation": (
-        "RecDPConfig",
-        "RecFederationConfig",
-        "RecFederationResult",
-        "RecHEConfig",
-        "RecRoundRecord",
-        "run_rec_federation",
-    ),
-    "run_audit": (
-        "ComplianceConfig",
-        "RunAudit",
-    ),
-    "traffic": (
-        "RoundTraffic",
-        "TrafficMeter",
-        "wire_size",
-    ),
-}
-
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "AggregationConfig",
+    "ComplianceConfig",
+    "FederationConfig",
+    "FederationResult",
+    "FederationStopped",
+    "MeteredGrid",
+    "PrivacyEvent",
+    "RoundCallback",
+    "RoundRecord",
+    "RoundTraffic",
+    "RunAudit",
+    "StrategyWrapper",
+    "TrafficMeter",
+    "Wiring",
+    "check_plan",
+    "deployed_wiring",
+    "ledger_entry",
+    "make_server_app",
+    "run_federation",
+    "wait_for_nodes",
+    "wire_size",
+    "write_outputs",
+]

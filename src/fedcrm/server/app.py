@@ -1,33 +1,42 @@
-"""The coordinator's Flower ServerApp."""
+"""The coordinator's Flower ServerApp, for every task (``task`` in the run config).
+
+A simulation hands it typed settings and the wiring it built (with the run's keys); on
+Flower's deployment engine it reads everything from the run config (``flwr run
+--run-config``) and writes its outputs itself (`fedcrm.server.outputs`).
+"""
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
-from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
+from fedcrm.privacy.branch_accounting import CentralDPConfig
 from fedcrm.privacy.federated import FederatedDPConfig
-from fedcrm.server import aggregation
+from fedcrm.privacy.keys import load_public_context
 from fedcrm.server.config import FederationConfig
-from fedcrm.server.federation import (
-    FederationResult,
-    FederationStopped,
-    RoundCallback,
-    StrategyWrapper,
-    run_federation,
-)
+from fedcrm.server.loop import run_federation
 from fedcrm.server.outputs import DEFAULT_OUT_DIR, write_outputs
+from fedcrm.server.result import FederationResult, FederationStopped, RoundCallback
 from fedcrm.server.run_audit import ComplianceConfig, RunAudit
 from fedcrm.server.traffic import MeteredGrid, TrafficMeter
-from fedcrm.strategies.central_dp import CentralDPStrategy, central_dp_wrapper
+from fedcrm.server.wiring import (
+    DEFAULT_CHECKPOINT_DIR,
+    KEY_HE_CHECKPOINT_DIR,
+    KEY_HE_PUBLIC_CONTEXT,
+    AggregationConfig,
+    Wiring,
+    check_plan,
+)
+from fedcrm.strategies.guardrails import AggregationMode
+from fedcrm.tasks import Task, get_task
 
-DEFAULT_LEDGER = Path("fedcrm-ledger.db")
+DEFAULT_LEDGER: Final = Path("fedcrm-ledger.db")
 """The privacy ledger of a deployment when neither the run config nor the caller names one."""
-
-OUT_DIR_KEY = "out-dir"
+OUT_DIR_KEY: Final = "out-dir"
 """Run-config key: where a deployed run writes its model and round records."""
 
 logger = logging.getLogger(__name__)
@@ -44,15 +53,57 @@ def _log_to_console() -> None:
         package.propagate = False
 
 
+def deployed_wiring(
+    run_config: Mapping[str, object],
+    cfg: FederationConfig,
+    task: Task[object, object],
+    *,
+    run_id: str,
+    ledger_url: str,
+    dp: bool,
+    consent: bool,
+) -> Wiring:
+    """The wrappers a deployed run's config asks for, checked against the guardrails.
+
+    Raises:
+        ConfigError: An invalid or refused combination; HE without a public context (it is
+            loaded, and checked to be public, here, before any round).
+    """
+    aggregation = AggregationConfig.from_run_config(run_config)
+    central = CentralDPConfig.from_run_config(
+        run_config, model=task.model_name, purpose=task.purpose
+    )
+    check_plan(aggregation, central, strategy=str(cfg.strategy), dp=dp, consent=consent)
+    public, checkpoints = None, None
+    if aggregation.mode is AggregationMode.HE:
+        path = str(run_config.get(KEY_HE_PUBLIC_CONTEXT, "") or "")
+        public = load_public_context(Path(path)) if path else None
+        checkpoints = Path(str(run_config.get(KEY_HE_CHECKPOINT_DIR) or DEFAULT_CHECKPOINT_DIR))
+    min_honest = cfg.min_train_nodes
+    if central is not None and central.min_honest_branches is not None:
+        min_honest = central.min_honest_branches
+    return Wiring(
+        aggregation,
+        central,
+        rounds=cfg.num_rounds,
+        run_id=run_id,
+        ledger_url=ledger_url,
+        round_timeout=cfg.round_timeout,
+        public_context=public,
+        checkpoint_dir=checkpoints,
+        min_honest=min_honest,
+    )
+
+
 def make_server_app(
     cfg: FederationConfig | None = None,
+    settings: object | None = None,
     *,
     min_nodes: int = 2,
     on_round: RoundCallback | None = None,
     results: list[FederationResult] | None = None,
-    wrap_strategy: StrategyWrapper | None = None,
+    wiring: Wiring | None = None,
     dp: FederatedDPConfig | None = None,
-    central_dp: CentralDPConfig | None = None,
     ledger_url: str | None = None,
     run_id: str | None = None,
     errors: list[FederationStopped] | None = None,
@@ -63,20 +114,18 @@ def make_server_app(
     """Build the ServerApp.
 
     Args:
-        cfg: Settings; ``None`` reads them from the run config (``flwr run --run-config``).
+        cfg: Federation settings; ``None`` reads them from the run config.
+        settings: The task's settings; ``None`` reads them from the run config.
         min_nodes: Branches that must be connected before the first round.
         on_round: Called after every round (progress display, metrics file).
         results: The run's `FederationResult` is appended here when it ends.
-        wrap_strategy: Wraps the optimisation strategy (e.g. homomorphic aggregation);
-            ``None`` reads ``aggregation-mode`` from the run config (`fedcrm.server.aggregation`).
-        dp: Record-level DP settings; ``None`` reads ``dp-*`` keys from the run config (no
+        wiring: The strategy wrappers; ``None`` builds them from the run config
+            (`deployed_wiring`).
+        dp: DP-SGD settings; ``None`` reads ``dp-*`` keys from the run config (no
             ``dp-target-epsilon``: no DP).
-        central_dp: Branch-level (central) DP settings; ``None`` reads ``central-dp-*`` keys
-            from the run config (no ``central-dp-mode``: none). It wraps the strategy itself,
-            so it is not combined with ``wrap_strategy`` or an ``aggregation-mode`` wrapper.
-        ledger_url: The privacy ledger's URL unless the record-level DP settings name one
-            (default: ``fedcrm-ledger.db`` in the working directory); record-level and
-            branch-level entries go to the same ledger.
+        ledger_url: The privacy ledger's URL unless the DP settings name one (default:
+            ``fedcrm-ledger.db`` in the working directory); record-level and branch-level
+            entries go to the same ledger.
         run_id: The run's id in the ledger (default: Flower's run id).
         errors: A run stopped by `FederationStopped` is appended here (with its partial
             result) instead of raising inside Flower; ``None`` lets it raise.
@@ -93,36 +142,27 @@ def make_server_app(
             grid = MeteredGrid(grid, traffic)
         if results is None:
             _log_to_console()
-        config = cfg or FederationConfig.from_run_config(context.run_config)
-        central = central_dp or CentralDPConfig.from_run_config(context.run_config)
-        if central is not None and central.mode is CentralDPMode.DISTRIBUTED:
-            raise ConfigError(
-                "central-dp-mode 'distributed' is not supported by the deployed ServerApp yet; "
-                "use server-fixed, server-adaptive, client-fixed or client-adaptive"
-            )
-        wrap = wrap_strategy or aggregation.wrapper(
-            context.run_config, strategy=str(config.strategy), round_timeout=config.round_timeout
+        run_config = dict(context.run_config)
+        config = cfg or FederationConfig.from_run_config(run_config)
+        task = get_task(config.task)
+        task_settings = settings or task.settings(run_config, where="run config", strict=False)
+        privacy = dp or FederatedDPConfig.from_run_config(
+            run_config, model=task.model_name, purpose=task.purpose
         )
-        privacy = dp or FederatedDPConfig.from_run_config(context.run_config)
         url = (privacy.ledger_url if privacy else None) or ledger_url or sqlite_url(DEFAULT_LEDGER)
-        ledger = None
-        if privacy is not None:
-            ledger = PrivacyLedger(open_store(url))
-        if privacy is not None or central is not None:
-            logger.info("privacy ledger: %s", url)
-        declared = compliance or ComplianceConfig.from_run_config(context.run_config)
+        declared = compliance or ComplianceConfig.from_run_config(run_config)
         name = run_id or str(context.run_id)
-        central_built: list[CentralDPStrategy] = []
-        if central is not None:
-            if wrap is not None:  # the guardrails refuse it; never stack two wrappers silently
-                raise ConfigError("central DP wraps the strategy itself: no other wrapper with it")
-            wrap = central_dp_wrapper(
-                central,
-                rounds=config.num_rounds,
-                ledger_url=url,
-                run_id=name,
-                built=central_built,
-            )
+        wire = wiring or deployed_wiring(
+            run_config,
+            config,
+            task,
+            run_id=name,
+            ledger_url=url,
+            dp=privacy is not None,
+            consent=declared.purpose is not None,
+        )
+        if privacy is not None or wire.central_dp is not None:
+            logger.info("privacy ledger: %s", url)
         trail = audit
         if trail is None and declared.audit_url is not None:
             trail = RunAudit(declared.audit_url, name)
@@ -130,11 +170,12 @@ def make_server_app(
             result = run_federation(
                 grid,
                 config,
+                task_settings,
                 min_nodes=min_nodes,
                 on_round=on_round,
-                wrap_strategy=wrap,
+                wrap_strategy=wire.wrap if wire.wraps else None,
                 dp=privacy,
-                ledger=ledger,
+                ledger=None if privacy is None else PrivacyLedger(open_store(url)),
                 run_id=name,
                 purpose=declared.purpose,
                 audit=trail,
@@ -145,17 +186,16 @@ def make_server_app(
                 raise
             errors.append(exc)
             return
-        if central_built:
-            result.central_dp = central_built[0].summary_data.as_dict()
+        result.central_dp = wire.central_summary()
         if results is not None:
             results.append(result)
-        else:  # Flower's deployment engine: nobody in-process collects the result
-            out = Path(str(context.run_config.get(OUT_DIR_KEY) or DEFAULT_OUT_DIR))
-            folder = write_outputs(result, out / str(context.run_id))
-            logger.info("model and round records written to %s", folder.resolve())
-            if trail is not None:  # the release's hash goes to the run's audit log
-                model = folder / "model.safetensors"
-                trail.model_release(model, model="churn", last_round=result.best_round)
+            return
+        # Flower's deployment engine: nobody in-process collects the result.
+        folder = Path(str(run_config.get(OUT_DIR_KEY) or DEFAULT_OUT_DIR)) / str(context.run_id)
+        model = write_outputs(task, result, folder)
+        logger.info("model and round records written to %s", folder.resolve())
+        if trail is not None and model is not None:  # the release's hash goes to the audit log
+            trail.model_release(model, model=task.model_name, last_round=result.best_round)
 
     return app
 

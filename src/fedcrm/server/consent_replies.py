@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from flwr.app import Message
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.compliance import ManifestError
 from fedcrm.compliance.manifest import ConsentRefusal, RoundManifest, parse_consent_record
 from fedcrm.strategies.validated import Rejection

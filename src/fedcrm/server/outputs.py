@@ -5,42 +5,54 @@ deployment engine nobody in-process collects the `FederationResult`, so the Serv
 it to ``out-dir`` (run config) itself::
 
     <out-dir>/<flower run id>/
-      model.safetensors   the global model of the best validation round
+      model.safetensors   churn: the global model of the released round (the task's file;
+      items.npz           recommendation: the item tower)
       metrics.jsonl       one line per round (pooled federated evaluation)
-      summary.json        best round, rounds, branches, the shared scaler, rejected updates,
-                          branch-level DP (central DP runs: what each round spent)
+      summary.json        task, best round, rounds, branches, the statistics every message
+                          carried (the churn scaler), rejected updates, branch-level DP
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Final
 
-from safetensors.torch import save_file
+from fedcrm.server.result import FederationResult
+from fedcrm.tasks import Task
 
-from fedcrm.server.federation import FederationResult
-
-DEFAULT_OUT_DIR = Path("fedcrm-runs")
+DEFAULT_OUT_DIR: Final = Path("fedcrm-runs")
 """Where a deployment's outputs go when the run config names no ``out-dir``."""
 
 
-def write_outputs(result: FederationResult, folder: Path) -> Path:
-    """Write the model, the round records and a summary into ``folder`` (created)."""
+def write_outputs(task: Task[Any, Any], result: FederationResult, folder: Path) -> Path | None:
+    """Write the model, the round records and a summary into ``folder`` (created).
+
+    Returns:
+        The model file, or ``None`` under HE (the server holds ciphertext checkpoints only).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(result.state_dict, str(folder / "model.safetensors"))
+    model = task.save_model(result.arrays, folder) if result.arrays else None
     with (folder / "metrics.jsonl").open("w", encoding="utf-8") as fh:
         for record in result.rounds:
-            fh.write(json.dumps(record.__dict__, default=float) + "\n")
-    summary = {
+            fh.write(json.dumps(asdict(record), default=float) + "\n")
+    summary: dict[str, Any] = {
+        "task": result.task,
         "best_round": result.best_round,
         "rounds": len(result.rounds),
         "branches": result.num_branches,
-        "model_selection": "round with the best pooled validation ROC-AUC",
+        "model": None if model is None else model.name,
+        "model_selection": _selection(result),
         "best_round_evaluation": next(
             (r.evaluate for r in result.rounds if r.round == result.best_round), {}
         ),
-        "scaler": {"mean": result.scaler.mean.tolist(), "std": result.scaler.std.tolist()},
-        "rejected_updates": [r.__dict__ for r in result.rejections],
+        "statistics": result.statistics,
+        "rejected_updates": [asdict(r) for r in result.rejections],
     }
     if result.central_dp is not None:
         summary["central_dp"] = result.central_dp
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    return folder
+    return model
+
+
+def _selection(result: FederationResult) -> str:
+    return f"round {result.best_round} of {len(result.rounds)} (the task's selection metric)"

@@ -1,141 +1,84 @@
-"""Experiment configuration: a TOML file naming the data, the branches and the federation.
+"""Experiment configuration: a TOML file naming the task, the data, the branches and the federation.
 
 Example (``examples/mlc_by_state.toml``)::
 
     name = "mlc-by-state"
-    dataset = "mlc"
+    dataset = "mlc"           # task = "churn" unless named (task = "recommendation")
 
     [partition]
     kind = "natural"
     column = "state"
 
-    [federation]
+    [federation]              # the federation's keys and the task's own settings
     num-rounds = 30
     strategy = "fedavg"
 
-    [dp]                      # optional: record-level DP-SGD on every branch
+    [dp]                      # optional: DP-SGD on every branch
     target-epsilon = 3.0      # per branch, after all planned rounds
-    max-grad-norm = 1.0       # delta defaults to 1/n per branch (n = its training rows)
+
+The core owns ``task``, ``name``, ``seed``, ``cpus-per-branch`` and the tables
+``[federation]`` (with the task's settings), ``[dp]`` (with the task's DP options),
+``[central-dp]``, ``[aggregation]`` and ``[compliance]``; every other key or table belongs to
+the task's experiment (`fedcrm.tasks.TaskExperiment.spec_type`: ``dataset``, ``[partition]``,
+``[synthetic]``, ``[baselines]`` ...). Unknown keys are refused, every problem is named.
 """
 
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from fedcrm.data.partition import PartitionKind
-from fedcrm.data.schema import SCHEMAS
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import (
-    CentralDPConfig,
-    CentralDPMode,
-    central_dp_toml,
-    parse_central_dp,
-)
+from fedcrm.privacy.branch_accounting import CentralDPConfig, central_dp_toml, parse_central_dp
 from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_RUN_CONFIG_KEYS
 from fedcrm.privacy.federated import FederatedDPConfig
 from fedcrm.server.config import FederationConfig
+from fedcrm.server.wiring import AggregationConfig, check_plan
+from fedcrm.settings import from_mapping, keys, to_mapping
 from fedcrm.simulation.consent_setup import ConsentSetup, compliance_toml, parse_compliance
-from fedcrm.strategies.factory import StrategyName
-from fedcrm.strategies.guardrails import (
-    AggregationMode,
-    RobustAggregator,
-    ServerClipping,
-    check_combination,
-)
-from fedcrm.strategies.robust import RobustConfig
-from fedcrm.strategies.secagg import RUN_CONFIG_KEYS as SECAGG_KEYS
-from fedcrm.strategies.secagg import SecAggConfig
+from fedcrm.tasks import Task, get_task
+from fedcrm.tasks.registry import DEFAULT_TASK
 
-SYNTHETIC_PREFIX = "synthetic:"
-
-
-@dataclass(frozen=True)
-class PartitionConfig:
-    """How the pooled data is split into virtual branches."""
-
-    kind: PartitionKind = PartitionKind.IID
-    num_branches: int = 10
-    column: str = "state"
-    alpha: float = 0.5
-    min_branch_size: int = 30
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    """Centralised baselines trained on the pooled training rows of the same split."""
-
-    enabled: bool = True
-    torch_epochs: int = 30
-
-
-@dataclass(frozen=True)
-class AggregationConfig:
-    """How the server aggregates (the ``[aggregation]`` table).
-
-    ``mode = "he"`` sums CKKS ciphertexts (keys created in the run directory);
-    ``mode = "secagg"`` runs Flower's SecAgg+ (``secagg-*`` keys: `SecAggConfig`);
-    ``robust`` picks a Byzantine-robust aggregator for plaintext mode. Refused combinations
-    are explained by `fedcrm.strategies.guardrails.check_combination`.
-    """
-
-    mode: AggregationMode = AggregationMode.PLAIN
-    robust: RobustConfig = field(default_factory=RobustConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-
-
-def parse_aggregation(section: Mapping[str, Any]) -> AggregationConfig:
-    """Build the ``[aggregation]`` settings.
-
-    Raises:
-        ConfigError: A key is unknown or a value invalid.
-    """
-    _unknown(
-        "aggregation",
-        section,
-        {"mode", "robust", "krum-malicious", "multi-krum-select", "trim-beta", *SECAGG_KEYS},
-    )
-    try:
-        mode = AggregationMode(section.get("mode", "plain"))
-        secagg = SecAggConfig.from_run_config(section)
-        if mode is not AggregationMode.SECAGG and any(key in section for key in SECAGG_KEYS):
-            raise ConfigError("secagg-* keys need mode = 'secagg'")
-        robust = RobustConfig(
-            aggregator=RobustAggregator(section.get("robust", "none")),
-            num_malicious=int(section.get("krum-malicious", 1)),
-            num_selected=int(section.get("multi-krum-select", 2)),
-            trim_beta=float(section.get("trim-beta", 0.1)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[aggregation]: {exc}") from exc
-    return AggregationConfig(mode=mode, robust=robust, secagg=secagg)
+CORE_KEYS: Final = frozenset({"task", "name", "seed", "cpus-per-branch"})
+CORE_TABLES: Final = frozenset({"federation", "dp", "central-dp", "aggregation", "compliance"})
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One federated experiment: data set, branches, federation settings, baselines.
+    """One federated experiment of a registered task.
 
-    ``dataset`` is ``telco``, ``mlc``, or ``synthetic:<schema>`` (``rows`` synthetic rows with
-    that schema, for tests).
+    Attributes:
+        name: Run name (one word).
+        task: The task (`fedcrm.tasks.TASKS`).
+        spec: The task's experiment keys (data set, branches, baselines).
+        federation: The federation's settings.
+        settings: The task's settings.
+        seed: Seed of the data generation, the partition and (by default) the federation.
+        cpus_per_branch: Ray CPUs per simulated branch.
+        dp: DP-SGD on every branch (``[dp]``); ``None``: no DP.
+        central_dp: Branch-level central DP (``[central-dp]``); ``None``: none.
+        aggregation: Aggregation mode and robust aggregator (``[aggregation]``).
+        compliance: The run's declared purpose and simulated consent (``[compliance]``);
+            ``None``: no consent gate.
     """
 
     name: str
-    dataset: str
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    rows: int = 600
+    task: str
+    spec: Any
+    federation: FederationConfig
+    settings: Any
     seed: int = 42
     cpus_per_branch: float = 1.0
     dp: FederatedDPConfig | None = None
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-    """Aggregation mode (plain / HE) and robust aggregator (the ``[aggregation]`` table)."""
-    """Record-level DP-SGD settings (the ``[dp]`` table); ``None``: no DP."""
     central_dp: CentralDPConfig | None = None
-    """Branch-level central DP (the ``[central-dp]`` table); ``None``: none."""
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     compliance: ConsentSetup | None = None
-    """The run's declared purpose and simulated consent (``[compliance]``); ``None``: no gate."""
+
+    @property
+    def plugin(self) -> Task[Any, Any]:
+        """The registered task."""
+        return get_task(self.task)
 
     @property
     def min_honest_branches(self) -> int:
@@ -145,89 +88,60 @@ class ExperimentConfig:
             return central.min_honest_branches
         return self.federation.min_train_nodes
 
-    @property
-    def schema_name(self) -> str:
-        """The schema the data set follows."""
-        return self.dataset.removeprefix(SYNTHETIC_PREFIX)
-
     def __post_init__(self) -> None:
-        if self.schema_name not in SCHEMAS:
-            raise ConfigError(
-                f"dataset must be one of {sorted(SCHEMAS)} or 'synthetic:<schema>', "
-                f"got {self.dataset!r}"
-            )
-        if self.federation.schema != self.schema_name:
-            raise ConfigError("federation.schema must match the dataset's schema")
-        if self.dp is not None and self.federation.strategy is StrategyName.FEDPROX:
-            raise ConfigError("[dp] cannot be used with strategy 'fedprox': use fedavg or fedadam")
-        central = self.central_dp
-        distributed = central is not None and central.mode is CentralDPMode.DISTRIBUTED
-        check_combination(
-            mode=self.aggregation.mode,
-            robust=self.aggregation.robust.aggregator,
-            strategy=str(self.federation.strategy),
-            server_clipping=ServerClipping.NONE if central is None else central.server_clipping,
-            central_dp=central is not None,
-            distributed_dp=distributed,
-        )
-        if distributed and self.min_honest_branches > self.partition.num_branches:
-            raise ConfigError(
-                f"[central-dp] min-honest-branches (K_min = {self.min_honest_branches}, default "
-                f"min-train-nodes) exceeds the {self.partition.num_branches} branches: no round "
-                "could be released"
-            )
-        if self.aggregation.mode is AggregationMode.SECAGG and (
-            self.dp is not None or self.compliance is not None
-        ):
-            raise ConfigError(
-                "[dp] and [compliance] with mode 'secagg' are not supported yet: SecAgg+ "
-                "replies carry no privacy report or round manifest for the ledger and the "
-                "audit log; use mode 'plain' or 'he' with them"
-            )
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ConfigError(
                 f"name must be a non-empty word without slashes or spaces: {self.name!r}"
             )
+        if not self.cpus_per_branch > 0:
+            raise ConfigError(f"cpus-per-branch must be > 0, got {self.cpus_per_branch}")
+        if self.dp is not None and self.federation.strategy == "fedprox":
+            raise ConfigError("[dp] cannot be used with strategy 'fedprox': use fedavg or fedadam")
+        check_plan(
+            self.aggregation,
+            self.central_dp,
+            strategy=str(self.federation.strategy),
+            dp=self.dp is not None,
+            consent=self.compliance is not None,
+        )
 
 
-def _section(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+def _table(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = raw.get(key, {})
     if not isinstance(value, dict):
         raise ConfigError(f"[{key}] must be a table")
-    return value
+    return dict(value)
 
 
-def _dp_key(toml_key: str) -> str:
-    """``[dp]`` TOML key -> run-config key (``target-epsilon`` -> ``dp-target-epsilon``)."""
-    for run_key in DP_RUN_CONFIG_KEYS:
-        if run_key.removeprefix("dp-").removeprefix("privacy-") == toml_key:
-            return run_key
-    raise KeyError(toml_key)
+def _dp_toml_key(run_key: str) -> str:
+    """Run-config key -> ``[dp]`` key (``dp-target-epsilon`` -> ``target-epsilon``)."""
+    return run_key.removeprefix("dp-").removeprefix("privacy-")
 
 
-def _dp_toml_keys() -> set[str]:
-    return {key.removeprefix("dp-").removeprefix("privacy-") for key in DP_RUN_CONFIG_KEYS}
-
-
-def parse_dp(section: Mapping[str, Any]) -> FederatedDPConfig:
-    """Build the run's DP settings from the ``[dp]`` table.
+def parse_dp(section: Mapping[str, Any], task: Task[Any, Any]) -> FederatedDPConfig:
+    """Build the run's DP-SGD settings from the ``[dp]`` table (the task's options removed).
 
     Raises:
         ConfigError: A key is unknown or a value is invalid (every problem listed).
     """
-    _unknown("dp", section, _dp_toml_keys())
+    by_toml = {_dp_toml_key(key): key for key in DP_RUN_CONFIG_KEYS}
+    unknown = sorted(set(section) - set(by_toml))
+    if unknown:
+        allowed = sorted({*by_toml, *task.dp_keys})
+        raise ConfigError(f"[dp] has unknown key(s) {unknown}; allowed: {allowed}")
     if "target-epsilon" not in section:
         raise ConfigError("[dp] needs target-epsilon (the per-branch epsilon after all rounds)")
-    dp = FederatedDPConfig.from_run_config({_dp_key(key): v for key, v in section.items()})
+    try:
+        dp = FederatedDPConfig.from_run_config(
+            {by_toml[key]: v for key, v in section.items()},
+            model=task.model_name,
+            purpose=task.purpose,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"[dp]: {exc}") from exc
     if dp is None:  # target-epsilon = 0
         raise ConfigError("[dp] target-epsilon must be > 0 (remove [dp] to train without DP)")
     return dp
-
-
-def _unknown(section: str, given: Mapping[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(given) - allowed)
-    if extra:
-        raise ConfigError(f"[{section}] has unknown key(s) {extra}; allowed: {sorted(allowed)}")
 
 
 def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
@@ -236,81 +150,59 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
     Raises:
         ConfigError: A key is unknown, a value has the wrong type or is out of range.
     """
-    top = {
-        "name",
-        "dataset",
-        "rows",
-        "seed",
-        "cpus-per-branch",
-        "partition",
-        "federation",
-        "baselines",
-        "dp",
-        "central-dp",
-        "aggregation",
-        "compliance",
-    }
-    _unknown("top level", raw, top)
-    for required in ("name", "dataset"):
-        if required not in raw:
-            raise ConfigError(f"missing top-level key {required!r}")
-    dataset = str(raw["dataset"])
-    if dataset.removeprefix(SYNTHETIC_PREFIX) not in SCHEMAS:
-        raise ConfigError(
-            f"dataset must be one of {sorted(SCHEMAS)} or 'synthetic:<schema>', got {dataset!r}"
-        )
-    seed = int(raw.get("seed", 42))
-
-    part = _section(raw, "partition")
-    _unknown("partition", part, {"kind", "num-branches", "column", "alpha", "min-branch-size"})
-    try:
-        partition = PartitionConfig(
-            kind=PartitionKind(part.get("kind", "iid")),
-            num_branches=int(part.get("num-branches", 10)),
-            column=str(part.get("column", "state")),
-            alpha=float(part.get("alpha", 0.5)),
-            min_branch_size=int(part.get("min-branch-size", 30)),
-        )
-    except ValueError as exc:
-        raise ConfigError(f"[partition]: {exc}") from exc
-
-    fed = dict(_section(raw, "federation"))
-    allowed = set(FederationConfig().to_run_config())
-    _unknown("federation", fed, allowed)
-    fed.setdefault("schema", dataset.removeprefix(SYNTHETIC_PREFIX))
-    fed.setdefault("seed", seed)
-    federation = FederationConfig.from_run_config(fed)
-
-    base = _section(raw, "baselines")
-    _unknown("baselines", base, {"enabled", "torch-epochs"})
-    baselines = BaselineConfig(
-        enabled=bool(base.get("enabled", True)), torch_epochs=int(base.get("torch-epochs", 30))
+    task = get_task(str(raw.get("task", DEFAULT_TASK)))
+    if "name" not in raw:
+        raise ConfigError("missing top-level key 'name'")
+    experiment = task.experiment
+    spec = experiment.spec(
+        {key: v for key, v in raw.items() if key not in CORE_KEYS | CORE_TABLES},
+        where=f"{task.name} experiment",
+    )
+    seed = raw.get("seed", 42)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be a whole number, got {seed!r}")
+    fed = _table(raw, "federation")
+    core_keys = keys(FederationConfig) - {"task"}
+    task_keys = keys(task.settings_type) - task.dp_keys  # the task's [dp] options go in [dp]
+    unknown = sorted(set(fed) - core_keys - task_keys)
+    if unknown:
+        allowed = sorted(core_keys | task_keys)
+        raise ConfigError(f"[federation] has unknown key(s) {unknown}; allowed: {allowed}")
+    federation = from_mapping(
+        FederationConfig,
+        {"seed": seed, **{key: v for key, v in fed.items() if key in core_keys}, "task": task.name},
+        where="[federation]",
+    )
+    dp_table = _table(raw, "dp")
+    task_values = {key: v for key, v in fed.items() if key in task_keys}
+    task_values.update({key: v for key, v in dp_table.items() if key in task.dp_keys})
+    settings = task.settings(
+        task_values,
+        where="[federation] and [dp]" if task.dp_keys & set(dp_table) else "[federation]",
+        strict=True,
+        defaults=experiment.settings_defaults(spec),
     )
     dp = None
     if "dp" in raw:
-        try:
-            dp = parse_dp(_section(raw, "dp"))
-        except ConfigError as exc:
-            raise ConfigError(f"[dp]: {exc}") from exc
+        dp = parse_dp({key: v for key, v in dp_table.items() if key not in task.dp_keys}, task)
     central_dp = None
     if "central-dp" in raw:
-        central_dp = parse_central_dp(_section(raw, "central-dp"))
-    compliance = None
-    if "compliance" in raw:
-        compliance = parse_compliance(_section(raw, "compliance"))
+        central_dp = parse_central_dp(
+            _table(raw, "central-dp"), model=task.model_name, purpose=task.purpose
+        )
+    compliance = parse_compliance(_table(raw, "compliance")) if "compliance" in raw else None
     return ExperimentConfig(
-        compliance=compliance,
-        dp=dp,
-        central_dp=central_dp,
-        aggregation=parse_aggregation(_section(raw, "aggregation")),
         name=str(raw["name"]),
-        dataset=dataset,
-        partition=partition,
+        task=task.name,
+        spec=spec,
         federation=federation,
-        baselines=baselines,
-        rows=int(raw.get("rows", 600)),
+        settings=experiment.check(spec, settings),
         seed=seed,
         cpus_per_branch=float(raw.get("cpus-per-branch", 1.0)),
+        dp=dp,
+        central_dp=central_dp,
+        aggregation=AggregationConfig.from_table(_table(raw, "aggregation")),
+        compliance=compliance,
     )
 
 
@@ -324,7 +216,7 @@ def load_experiment(path: Path) -> ExperimentConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such file") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
         return parse_experiment(raw)
@@ -334,42 +226,28 @@ def load_experiment(path: Path) -> ExperimentConfig:
 
 def to_toml_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """The fully resolved configuration, in the same shape as the input TOML."""
-    return {
+    task = cfg.plugin
+    settings = to_mapping(cfg.settings)
+    federation = {key: v for key, v in cfg.federation.to_run_config().items() if key != "task"}
+    out: dict[str, Any] = {
+        "task": cfg.task,
         "name": cfg.name,
-        "dataset": cfg.dataset,
-        "rows": cfg.rows,
         "seed": cfg.seed,
         "cpus-per-branch": cfg.cpus_per_branch,
-        "partition": {
-            "kind": str(cfg.partition.kind),
-            "num-branches": cfg.partition.num_branches,
-            "column": cfg.partition.column,
-            "alpha": cfg.partition.alpha,
-            "min-branch-size": cfg.partition.min_branch_size,
+        **to_mapping(cfg.spec),
+        "federation": {
+            **federation,
+            **{key: v for key, v in settings.items() if key not in task.dp_keys},
         },
-        "federation": cfg.federation.to_run_config(),
-        "baselines": {"enabled": cfg.baselines.enabled, "torch-epochs": cfg.baselines.torch_epochs},
-        **({} if cfg.dp is None else {"dp": dp_toml(cfg.dp)}),
-        **({} if cfg.central_dp is None else {"central-dp": central_dp_toml(cfg.central_dp)}),
-        **({} if cfg.compliance is None else {"compliance": compliance_toml(cfg.compliance)}),
-        "aggregation": {
-            "mode": str(cfg.aggregation.mode),
-            "robust": str(cfg.aggregation.robust.aggregator),
-            "krum-malicious": cfg.aggregation.robust.num_malicious,
-            "multi-krum-select": cfg.aggregation.robust.num_selected,
-            "trim-beta": cfg.aggregation.robust.trim_beta,
-            **(
-                cfg.aggregation.secagg.to_run_config()
-                if cfg.aggregation.mode is AggregationMode.SECAGG
-                else {}
-            ),
-        },
+        "aggregation": cfg.aggregation.to_table(),
     }
-
-
-def dp_toml(dp: FederatedDPConfig) -> dict[str, float | str]:
-    """The ``[dp]`` table of resolved DP settings (unset values left out)."""
-    return {
-        key.removeprefix("dp-").removeprefix("privacy-"): value
-        for key, value in dp.to_run_config().items()
-    }
+    if cfg.dp is not None:
+        out["dp"] = {
+            **{_dp_toml_key(key): v for key, v in cfg.dp.to_run_config().items()},
+            **{key: v for key, v in settings.items() if key in task.dp_keys},
+        }
+    if cfg.central_dp is not None:
+        out["central-dp"] = central_dp_toml(cfg.central_dp)
+    if cfg.compliance is not None:
+        out["compliance"] = compliance_toml(cfg.compliance)
+    return out

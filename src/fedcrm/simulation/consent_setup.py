@@ -29,16 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from fedcrm.client.consent_gate import BranchConsent, apply_gate
 from fedcrm.compliance import ConsentRegistry, Purpose, open_store
 from fedcrm.compliance.consent import CSV_OPTIONAL_COLUMNS, CSV_REQUIRED_COLUMNS
 from fedcrm.compliance.lineage import LineageStore
 from fedcrm.compliance.manifest import ConsentRefusal
-from fedcrm.data.split import Split
 from fedcrm.exceptions import ConfigError
 from fedcrm.server.run_audit import RunAudit
+from fedcrm.tasks import SimulatedBranch
 
 NOTICE_ID = "crm-privacy-notice"
 NOTICE_VERSION = "2026-01"
@@ -195,10 +194,9 @@ def compliance_path(run_dir: Path) -> Path:
 
 def setup_branch_consent(
     setup: ConsentSetup,
-    branches: Sequence[tuple[int, str, Path]],
+    branches: Sequence[tuple[SimulatedBranch, Sequence[str]]],
     *,
     url: str,
-    id_column: str,
     seed: int,
     now: datetime,
 ) -> dict[str, dict[str, int]]:
@@ -206,10 +204,8 @@ def setup_branch_consent(
 
     Args:
         setup: The ``[compliance]`` settings.
-        branches: ``(partition id, name, folder)`` of every branch (folder holds
-            ``export.parquet`` with pseudonymised ids and ``branch.json``).
+        branches: Every branch with its customers' pseudonyms (in its own order).
         url: The run's compliance store.
-        id_column: The export's customer id column.
         seed: Seed of the simulated decisions.
         now: The run's start (consent dates lie before it).
 
@@ -218,16 +214,15 @@ def setup_branch_consent(
     """
     registry = ConsentRegistry(open_store(url))
     made_up = {}
-    for partition_id, name, folder in branches:
-        customers = [str(c) for c in pd.read_parquet(folder / "export.parquet")[id_column]]
-        csv_path = folder / "consent.csv"
-        made_up[name] = write_consent_csv(
-            csv_path, customers, setup, partition_id=partition_id, now=now, seed=seed
+    for branch, customers in branches:
+        csv_path = branch.folder / "consent.csv"
+        made_up[branch.name] = write_consent_csv(
+            csv_path, list(customers), setup, partition_id=branch.partition_id, now=now, seed=seed
         )
-        import_consent(registry, name, csv_path)
-        info_path = folder / "branch.json"
+        import_consent(registry, branch.name, csv_path)
+        info_path = branch.folder / "branch.json"
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        info["purposes"] = setup.collected_for(partition_id)
+        info["purposes"] = setup.collected_for(branch.partition_id)
         info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
     return made_up
 
@@ -248,79 +243,73 @@ def branch_consent(
     )
 
 
-_SPLITS = ("train", "val", "test")
-
-
-def gate_pooled_splits(
+def gate_branches(
     setup: ConsentSetup,
-    branches: Sequence[tuple[int, str, Path]],
-    splits: Sequence[Split],
+    branches: Sequence[tuple[SimulatedBranch, Mapping[str, Sequence[str]]]],
     *,
     url: str,
-    id_column: str,
     at: datetime,
-) -> tuple[list[Split], dict[str, Any]]:
-    """Apply the branches' consent gate to the pooled splits used for evaluation and baselines.
+) -> tuple[dict[int, set[str]], dict[str, Any]]:
+    """Apply the branches' consent gate to the customers of the pooled evaluation and baselines.
 
-    Evaluating a model on a customer's row, or training a centralised baseline on it, is
-    processing too: the researcher's pooled rows go through the very gate the branches apply
+    Evaluating a model on a customer's rows, or training a centralised baseline on them, is
+    processing too: the researcher's pooled data go through the very gate the branches apply
     (:func:`fedcrm.client.consent_gate.apply_gate`) at ``at`` (the run's end). A branch that
-    refuses the run's purpose contributes no row at all.
+    refuses the run's purpose contributes no customer at all.
 
     Args:
         setup: The ``[compliance]`` settings.
-        branches: ``(partition id, name, folder)`` of every branch, in the order of ``splits``.
-        splits: Each branch's train/val/test split (ungated).
+        branches: Every branch with its customers per part (``train``, ``val``, ``test``).
         url: The run's compliance store.
-        id_column: The customer id column (pseudonyms, as in the registry).
         at: The time of the consent decision.
 
     Returns:
-        The gated splits, and what was left out (JSON data for ``summary.json``): rows before
-        and excluded per split, excluded rows by reason per split, and refusing branches.
+        The customers kept per partition id, and what was left out (JSON data for
+        ``summary.json``): customers before and excluded per part, excluded by reason per
+        part, and refusing branches.
 
     Raises:
         fedcrm.compliance.ComplianceError: The registry cannot be read.
     """
-    gated: list[Split] = []
-    before = dict.fromkeys(_SPLITS, 0)
-    excluded = dict.fromkeys(_SPLITS, 0)
-    reasons: dict[str, dict[str, int]] = {name: {} for name in _SPLITS}
+    kept: dict[int, set[str]] = {}
+    before: dict[str, int] = {}
+    excluded: dict[str, int] = {}
+    reasons: dict[str, dict[str, int]] = {}
     refused: dict[str, str] = {}
-    for (partition_id, name, folder), split in zip(branches, splits, strict=True):
-        frames = dict(zip(_SPLITS, (split.train, split.val, split.test), strict=True))
+    for branch, subjects in branches:
         result = apply_gate(
-            split,
-            id_column=id_column,
+            subjects,
             purpose=setup.purpose,
-            consent=branch_consent(setup, partition_id, name, folder, url),
+            consent=branch_consent(setup, branch.partition_id, branch.name, branch.folder, url),
             at=at,
         )
         if isinstance(result, ConsentRefusal):
-            refused[name] = result.code.value
-            kept = Split(*(frame.iloc[0:0] for frame in frames.values()))
-            counts = {s: {result.code.value: len(frame)} for s, frame in frames.items()}
+            refused[branch.name] = result.code.value
+            kept[branch.partition_id] = set()
+            counts = {part: {result.code.value: len(ids)} for part, ids in subjects.items()}
         else:
-            kept, counts = result.split, result.excluded_by_split
-        gated.append(kept)
-        for s, frame in frames.items():
-            before[s] += len(frame)
-            for reason, n in counts.get(s, {}).items():
+            kept[branch.partition_id] = result.kept
+            counts = result.excluded_by_split
+        for part, ids in subjects.items():
+            before[part] = before.get(part, 0) + len(ids)
+            excluded.setdefault(part, 0)
+            reasons.setdefault(part, {})
+            for reason, n in counts.get(part, {}).items():
                 if n:
-                    excluded[s] += n
-                    reasons[s][reason] = reasons[s].get(reason, 0) + n
-    return gated, {
+                    excluded[part] += n
+                    reasons[part][reason] = reasons[part].get(reason, 0) + n
+    return kept, {
         "purpose": setup.purpose.value,
         "at": at.isoformat(),
         "rows_before": before,
         "rows_excluded": excluded,
-        "excluded_by_reason": {s: dict(sorted(r.items())) for s, r in reasons.items()},
+        "excluded_by_reason": {part: dict(sorted(r.items())) for part, r in reasons.items()},
         "refused_branches": refused,
     }
 
 
 def finish_run_audit(
-    run_dir: Path, url: str, *, model_path: Path, last_round: int
+    run_dir: Path, url: str, *, model_path: Path, model: str, last_round: int
 ) -> dict[str, Any]:
     """Record the model release, sign a checkpoint, export the log and verify it offline.
 
@@ -328,7 +317,7 @@ def finish_run_audit(
     export ``<run>/audit-log.jsonl``: ``fedcrm audit verify`` checks it again at any time.
     """
     trail = RunAudit(url, run_dir.name)
-    release = trail.model_release(model_path, model="churn", last_round=last_round)
+    release = trail.model_release(model_path, model=model, last_round=last_round)
     report = trail.seal(run_dir / "audit-key.pem", run_dir / "audit-log.jsonl")
     lineage = LineageStore(open_store(url, migrate=False))
     manifests = lineage.manifests(run_id=run_dir.name)

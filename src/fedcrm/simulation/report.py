@@ -1,26 +1,32 @@
-"""The Markdown report and plots of a run directory."""
+"""The Markdown report and plot of a run directory, for every task.
+
+The task writes its own part (its comparison table, `fedcrm.tasks.TaskOutcome.report`); this
+module adds what every run has: rejected updates, traffic, the consent gate of the pooled
+evaluation, the privacy statements, and the plot of the headline metric per round.
+"""
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt
 
-if TYPE_CHECKING:
-    from fedcrm.server.federation import FederationResult
-
-_COLUMNS = ("roc_auc", "pr_auc", "f1", "log_loss")
+from fedcrm.server.result import FederationResult
+from fedcrm.tasks import DPStatement
 
 
-def privacy_summary(result: "FederationResult", *, ledger: str) -> dict[str, Any]:
+def privacy_summary(
+    result: FederationResult, *, ledger: str, statement: DPStatement
+) -> dict[str, Any]:
     """The run's privacy statement: ε per branch with its unit, δ, accountant and mechanism.
 
     Args:
         result: A DP run's result (its privacy events).
         ledger: Where the privacy ledger of the run is stored.
+        statement: What the task's DP-SGD protects and leaves uncovered.
     """
     dp = result.dp
     if dp is None:
@@ -47,16 +53,10 @@ def privacy_summary(result: "FederationResult", *, ledger: str) -> dict[str, Any
         for name, r in sorted(latest.items())
     ]
     return {
-        "mechanism": "DP-SGD (Abadi et al. 2016): Poisson-subsampled Gaussian, per-example "
-        "clipping",
+        "mechanism": statement.mechanism,
         "privacy_unit": "customer" if units == {"customer"} else "record",
-        "unit_note": (
-            "record-level DP on each branch's training rows; churn tables hold one row per "
-            "customer, so the guarantee is customer-level"
-            if units == {"customer"}
-            else "record-level DP on each branch's training rows"
-        ),
-        "neighbouring_relation": "add/remove one row",
+        "unit_note": statement.unit_note,
+        "neighbouring_relation": statement.relation,
         "epsilon_scope": f"per branch, cumulative for ({dp.model}, {dp.purpose})",
         "target_epsilon": dp.target_epsilon,
         "budget": dp.budget,
@@ -68,10 +68,7 @@ def privacy_summary(result: "FederationResult", *, ledger: str) -> dict[str, Any
         "epsilon_max": max((b["epsilon"] for b in branches), default=0.0),
         "branches": branches,
         "ledger": ledger,
-        "not_covered": (
-            "the federated scaler's moments (training rows) and the evaluation aggregates "
-            "(validation and test rows) are released without noise"
-        ),
+        "not_covered": statement.not_covered,
     }
 
 
@@ -80,7 +77,7 @@ def _privacy_lines(privacy: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Privacy",
         "",
-        f"Record-level differential privacy: {privacy['mechanism']}; {privacy['unit_note']}. "
+        f"Differential privacy on every branch: {privacy['mechanism']}; {privacy['unit_note']}. "
         f"ε is {privacy['epsilon_scope']}, with {privacy['accountant'].upper()} accounting, "
         f"neighbouring relation {privacy['neighbouring_relation']}, δ = {privacy['delta_rule']}, "
         f"clipping norm {privacy['max_grad_norm']:g}.",
@@ -119,22 +116,17 @@ def _central_dp_lines(central: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def plot_auc(
-    path: Path, rounds: Sequence[Mapping[str, Any]], centralised: Mapping[str, Any], title: str
+def plot_rounds(
+    path: Path, values: Sequence[float], centralised: Mapping[str, float], *, label: str, title: str
 ) -> None:
-    """Federated pooled ROC-AUC per round against each centralised baseline's AUC."""
+    """The federated headline metric per round against each centralised baseline's."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = list(range(1, len(rounds) + 1))
-    ax.plot(
-        xs, [r.get("roc-auc", float("nan")) for r in rounds], marker="o", ms=3, label="federated"
-    )
-    lo = [r.get("branch-auc-min", float("nan")) for r in rounds]
-    hi = [r.get("branch-auc-max", float("nan")) for r in rounds]
-    ax.fill_between(xs, lo, hi, alpha=0.15, label="branch AUC range")
-    for name, m in centralised.items():
-        ax.axhline(m["roc_auc"], ls="--", lw=1, label=f"centralised {name}", color=None)
+    xs = list(range(1, len(values) + 1))
+    ax.plot(xs, list(values), marker="o", ms=3, label="federated")
+    for name, value in centralised.items():
+        ax.axhline(value, ls="--", lw=1, label=f"centralised {name}")
     ax.set_xlabel("round")
-    ax.set_ylabel("ROC-AUC (test)")
+    ax.set_ylabel(f"{label} (test)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -143,20 +135,16 @@ def plot_auc(
     plt.close(fig)
 
 
-def _row(name: str, m: Mapping[str, Any]) -> str:
-    return f"| {name} | " + " | ".join(f"{float(m[c]):.4f}" for c in _COLUMNS) + " |"
-
-
 def _evaluation_gate_lines(gate: Mapping[str, Any]) -> list[str]:
     """What the consent gate left out of the pooled evaluation and baseline rows."""
     before, excluded = gate["rows_before"], gate["rows_excluded"]
-    counts = ", ".join(f"{excluded[s]} of {before[s]} {s}" for s in ("train", "val", "test"))
-    reasons = gate["excluded_by_reason"]["test"]
+    counts = ", ".join(f"{excluded[s]} of {before[s]} {s}" for s in before)
+    reasons = gate["excluded_by_reason"].get("test", {})
     why = ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "none"
     lines = [
-        f"Consent gate on evaluation ({gate['purpose']}, as of {gate['at']}): the pooled rows "
-        f"above exclude customers without valid consent, as the branches do: {counts} rows "
-        f"left out (test rows: {why}). The baselines train on the same gated rows.",
+        f"Consent gate on evaluation ({gate['purpose']}, as of {gate['at']}): the pooled data "
+        f"exclude customers without valid consent, as the branches do: {counts} left out (test: "
+        f"{why}). The baselines train on the same gated data.",
     ]
     if gate["refused_branches"]:
         refused = ", ".join(f"{b} ({code})" for b, code in gate["refused_branches"].items())
@@ -164,42 +152,30 @@ def _evaluation_gate_lines(gate: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+PLOT_FILE = "metric_per_round.png"
+
+
 def write_report(
-    run_dir: Path, summary: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    task_lines: Sequence[str],
+    *,
+    plot: Sequence[float],
+    centralised: Mapping[str, float],
+    label: str,
 ) -> None:
-    """Write ``report.md`` and ``auc_per_round.png`` into ``run_dir``."""
-    central = summary.get("centralised", {})
-    plot_auc(run_dir / "auc_per_round.png", rounds, central, str(summary["name"]))
+    """Write ``report.md`` and the plot of ``label`` per round into ``run_dir``."""
+    plot_rounds(run_dir / PLOT_FILE, plot, centralised, label=label, title=str(summary["name"]))
     fed = summary["federated"]
-    branches = summary["branches"]
-    sizes = [b["rows"] for b in branches]
-    last = fed.get("last_round", {})
     lines = [
         f"# {summary['name']}",
         "",
-        f"Data set `{summary['dataset']}`, {len(branches)} branches "
-        f"({min(sizes)}–{max(sizes)} customers each); rows train/val/test "
-        f"{summary['rows']['train']}/{summary['rows']['val']}/{summary['rows']['test']}.",
-        f"Federated: {fed['strategy']}, {fed['rounds']} rounds, {fed['seconds']:.1f} s on Flower's "
-        "simulation engine.",
+        f"Task `{summary['task']}`: {fed['strategy']}, {fed['rounds']} rounds, "
+        f"{fed['seconds']:.1f} s on Flower's simulation engine; released round "
+        f"{fed['best_round']} ({fed['model_selection']}).",
         "",
-        "Every model is scored on the same pooled test rows; the F1 threshold is tuned on the",
-        "pooled validation rows. The federated model is the round with the best pooled validation",
-        "ROC-AUC; the pooled torch baseline stops early on the same validation rows.",
-        "",
-        "| model | ROC-AUC | PR-AUC | F1 | log loss |",
-        "|---|---|---|---|---|",
-        _row(f"federated (round {fed.get('best_round', '?')}, chosen on validation)", fed),
-        *(_row(f"centralised {name}", m) for name, m in central.items()),
-        "",
+        *task_lines,
     ]
-    if last:
-        lo, hi, sd = (float(last.get(f"branch-auc-{s}", "nan")) for s in ("min", "max", "std"))
-        lines += [
-            f"Branch spread of test ROC-AUC in the last round: min {lo:.3f}, max {hi:.3f}, "
-            f"std {sd:.3f} (branches with a single class in their test rows excluded).",
-            "",
-        ]
     if fed.get("rejected_updates"):
         lines += [
             f"Rejected branch updates: {len(fed['rejected_updates'])} (see summary.json).",
@@ -207,11 +183,18 @@ def write_report(
         ]
     traffic = summary.get("traffic")
     if traffic:
+        encrypted = (
+            " Encrypted aggregation (CKKS): the server added ciphertexts of the branches' "
+            "updates and never saw one in plaintext; the released model was decrypted with the "
+            "run's key."
+            if traffic["aggregation"] == "he"
+            else ""
+        )
         lines += [
             f"Aggregation: {traffic['aggregation']}; per branch and round (train + evaluate "
             f"messages) {traffic['bytes_up_per_branch_per_round']:,.0f} bytes up, "
             f"{traffic['bytes_down_per_branch_per_round']:,.0f} bytes down; median round "
-            f"{traffic['median_round_seconds']:.2f} s.",
+            f"{traffic['median_round_seconds']:.2f} s.{encrypted}",
             "",
         ]
     gate = summary.get("compliance", {}).get("evaluation_gate")
@@ -221,5 +204,5 @@ def write_report(
         lines += _privacy_lines(summary["privacy"])
     if summary.get("central_dp"):
         lines += _central_dp_lines(summary["central_dp"])
-    lines += ["![AUC per round](auc_per_round.png)", ""]
+    lines += [f"![{label} per round]({PLOT_FILE})", ""]
     (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,27 +1,29 @@
-"""Run one experiment on Flower's simulation engine and write its run directory.
+"""Run one experiment of any task on Flower's simulation engine and write its run directory.
 
-The researcher's process holds the pooled data only to cut it into branch exports and to train
-the centralised baselines on the same split; the federated model itself is trained by the same
-ServerApp and ClientApp that a deployment runs, on Flower's simulation engine (Ray backend).
+The researcher's process holds the pooled data only to cut it into virtual branches and, after
+the run, to train the centralised baselines on the same split (the task's experiment:
+`fedcrm.tasks.TaskExperiment`); the federated model itself is trained by the same ServerApp and
+ClientApp that a deployment runs, on Flower's simulation engine (Ray backend, loopback only).
 
 Run directory layout::
 
     runs/<time>-<name>/
       config.toml          resolved experiment configuration
-      branches/NNN/        one folder per virtual branch: export.parquet (pseudonymised),
-                           hmac.key (0600), branch.json (name, rows, churn share)
-      metrics.jsonl        one line per round (federated evaluation, pooled over branches)
-      model.safetensors    final global model
-      summary.json         final federated and centralised metrics (machine-readable)
-      ledger.db            DP runs: the privacy ledger (SQLite), unless [dp] ledger-url
-                           names another store; branches/NNN/privacy/ holds each branch's
-                           persistent accountant
-      report.md, auc_per_round.png
-      flower.log           Flower's own log of the run
+      branches/NNN/        one folder per virtual branch: branch.json (name, sizes), hmac.key
+                           (0600), the task's data (churn: export.parquet, pseudonymised) and
+                           state (recommendation: user_factors.npz); privacy/ the branch's
+                           persistent accountants; consent.csv and consent/ in gated runs
+      metrics.jsonl        one line per round (pooled federated evaluation, traffic)
+      model.safetensors    churn: the released model; items.npz for recommendations
+      summary.json         federated and centralised metrics (machine-readable)
+      report.md, metric_per_round.png
+      ledger.db            DP runs: the privacy ledger (SQLite), unless [dp] ledger-url names
+                           another store
+      keys/, checkpoints/  HE runs: the run's CKKS keys and the server's ciphertext checkpoints
       compliance.db        consent-gated runs ([compliance]): consent registry, audit log,
                            lineage; audit-log.jsonl its signed export, audit-key.pem(.pub) the
-                           run's Ed25519 key; branches/NNN/consent.csv the imported consent and
-                           branches/NNN/consent/ the salts (0600) and archived manifests
+                           run's Ed25519 key
+      flower.log, ray/     Flower's log and Ray's session files (branch logs included)
 """
 
 import json
@@ -33,135 +35,45 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import tomli_w
-from flwr.app import Array, ArrayRecord
 from flwr.clientapp.typing import Mod
-from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.simulation import run_simulation
-from safetensors.torch import save_file
 
-from fedcrm.client.app import branch_dir, make_client_app
-from fedcrm.client.branch import BranchData, write_export
+from fedcrm.client.app import make_client_app
 from fedcrm.client.central_dp_mod import adaptive_clipping_mod, fixed_clipping_mod
 from fedcrm.client.he_mod import HEMod
 from fedcrm.client.secagg_client import secagg_mod
-from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
-from fedcrm.data.check import coerce_frame
-from fedcrm.data.loaders import load_dataset
-from fedcrm.data.partition import partition_indices
-from fedcrm.data.preprocess import Scaler, combine_moments, encode, local_moments
-from fedcrm.data.pseudonymise import load_or_create_key, pseudonymise_series
-from fedcrm.data.schema import ChurnSchema, get_schema
-from fedcrm.data.split import Split
-from fedcrm.data.synthetic import synthetic_export
+from fedcrm.compliance import sqlite_url
 from fedcrm.exceptions import ConfigError, FedCrmError
-from fedcrm.models.churn import TrainSettings, model_from_state, predict_proba
-from fedcrm.models.metrics import exact_metrics
 from fedcrm.privacy.branch_accounting import CentralDPMode
-from fedcrm.privacy.keys import init_keys, load_public_context, load_secret_context
+from fedcrm.privacy.keys import KeyGeneration, init_keys, load_public_context, load_secret_context
 from fedcrm.server.app import make_server_app
-from fedcrm.server.federation import (
-    FederationResult,
-    FederationStopped,
-    RoundRecord,
-    StrategyWrapper,
-)
+from fedcrm.server.result import FederationResult, FederationStopped, RoundRecord
 from fedcrm.server.run_audit import ComplianceConfig, RunAudit
 from fedcrm.server.traffic import RoundTraffic, TrafficMeter
-from fedcrm.simulation.baselines import PooledData, run_baselines
-from fedcrm.simulation.config import SYNTHETIC_PREFIX, ExperimentConfig, to_toml_dict
+from fedcrm.server.wiring import Wiring
+from fedcrm.simulation.config import ExperimentConfig, to_toml_dict
 from fedcrm.simulation.consent_setup import (
     compliance_path,
     finish_run_audit,
-    gate_pooled_splits,
+    gate_branches,
     setup_branch_consent,
 )
 from fedcrm.simulation.report import privacy_summary, write_report
-from fedcrm.strategies.distributed_dp import DistributedDPStrategy
-from fedcrm.strategies.guardrails import AggregationMode, RobustAggregator
-from fedcrm.strategies.he import HEAggregation, replay_global_model
-from fedcrm.strategies.robust import robust_strategy
-from fedcrm.strategies.secagg import SecAggPlusAggregation
+from fedcrm.strategies.guardrails import AggregationMode
+from fedcrm.strategies.he import replay_global_model
+from fedcrm.tasks import Arrays, FinishedRun, SimulatedFederation
 
 logger = logging.getLogger(__name__)
 
 PhaseCallback = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class BranchInfo:
-    """A virtual branch as the researcher sees it (no customer ids)."""
-
-    partition_id: int
-    name: str
-    rows: int
-    churn_share: float
-
-
-def load_pooled(cfg: ExperimentConfig) -> tuple[ChurnSchema, pd.DataFrame]:
-    """The pooled data set named by the experiment (real or synthetic), coerced to its schema."""
-    if cfg.dataset.startswith(SYNTHETIC_PREFIX):
-        schema = get_schema(cfg.schema_name)
-        return schema, coerce_frame(synthetic_export(schema, cfg.rows, seed=cfg.seed), schema)
-    return load_dataset(cfg.dataset)
-
-
-def write_branches(cfg: ExperimentConfig, run_dir: Path) -> tuple[ChurnSchema, list[BranchInfo]]:
-    """Partition the pooled data and write one pseudonymised export per branch."""
-    schema, pooled = load_pooled(cfg)
-    p = cfg.partition
-    parts = partition_indices(
-        pooled,
-        kind=p.kind,
-        num_branches=p.num_branches,
-        column=p.column,
-        label=schema.label,
-        alpha=p.alpha,
-        min_branch_size=p.min_branch_size,
-        seed=cfg.seed,
-    )
-    infos = []
-    for pid, part in enumerate(parts):
-        folder = branch_dir(run_dir / "branches", pid)
-        frame = pooled.iloc[part.indices].reset_index(drop=True)
-        key = load_or_create_key(folder / "hmac.key")
-        frame[schema.id_column] = pseudonymise_series(frame[schema.id_column], key)
-        write_export(frame, schema, folder / "export.parquet")
-        info = BranchInfo(pid, part.branch, len(frame), float(frame[schema.label].mean()))
-        (folder / "branch.json").write_text(json.dumps(info.__dict__, indent=2))
-        infos.append(info)
-    return schema, infos
-
-
-def pooled_splits(
-    run_dir: Path, schema: ChurnSchema, branches: list[BranchInfo], seed: int
-) -> tuple[list[Split], Scaler]:
-    """Every branch's split, read back exactly as its ClientApp reads it, and the shared scaler."""
-    splits = [
-        BranchData(branch_dir(run_dir / "branches", b.partition_id) / "export.parquet").load(
-            schema, seed=seed
-        )
-        for b in branches
-    ]
-    scaler = Scaler.from_moments(combine_moments(local_moments(s.train, schema) for s in splits))
-    return splits, scaler
-
-
-def _pool(splits: list[Split], schema: ChurnSchema, scaler: Scaler) -> PooledData:
-    def enc(frames: list[pd.DataFrame]) -> tuple[np.ndarray, np.ndarray]:
-        return encode(pd.concat(frames, ignore_index=True), schema, scaler)
-
-    x_tr, y_tr = enc([s.train for s in splits])
-    x_va, y_va = enc([s.val for s in splits])
-    x_te, y_te = enc([s.test for s in splits])
-    return PooledData(x_tr, y_tr, x_va, y_va, x_te, y_te)
+RoundHook = Callable[[RoundRecord], None]
 
 
 def _backend_config(cfg: ExperimentConfig, ray_dir: Path) -> dict[str, Any]:
@@ -204,137 +116,145 @@ class _FlowerLogToFile:
             self.logger.addHandler(h)
 
 
+def client_mods(cfg: ExperimentConfig, key_dir: Path | None) -> list[Mod]:
+    """The branches' mods the experiment's aggregation and branch-level DP ask for.
+
+    Client-side clipping comes first (it is the last to touch the update); the HE mod or the
+    SecAgg+ mod sits inside it, next to the network.
+    """
+    mods: list[Mod] = []
+    central = cfg.central_dp
+    if central is not None and central.mode.client_side:
+        mods.append(adaptive_clipping_mod if central.mode.adaptive else fixed_clipping_mod)
+    if key_dir is not None:
+        mods.append(HEMod(key_dir))
+    elif cfg.aggregation.mode is AggregationMode.SECAGG:
+        mods.append(secagg_mod)
+    return mods
+
+
 def simulate(
     cfg: ExperimentConfig,
     run_dir: Path,
-    num_branches: int,
-    on_round: Callable[[RoundRecord], None] | None = None,
+    federation: SimulatedFederation,
+    settings: object,
+    *,
+    on_round: RoundHook | None = None,
     traffic: TrafficMeter | None = None,
-) -> FederationResult:
+    audit: RunAudit | None = None,
+) -> tuple[FederationResult, Wiring, KeyGeneration | None]:
     """Run the federated training on Flower's simulation engine with one node per branch.
 
     Ray binds only to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, set by
-    `fedcrm._env`). Its session files end up in ``<run_dir>/ray`` (see `ray_session_dir`).
-
+    `fedcrm._env`); its session files end up in ``<run_dir>/ray`` (see `ray_session_dir`).
     With ``[aggregation] mode = "he"`` a key generation is created in ``<run_dir>/keys``
-    (``fedcrm keys init``); branches load its secret context through `HEMod`, the server
-    only the public one, and the server keeps ciphertext checkpoints in
-    ``<run_dir>/checkpoints``. The researcher, who holds the key authority's files in a
-    simulation as it holds the pooled data, replays them into the plaintext model at the end.
-    With ``[central-dp] mode = "distributed"`` (HE only) the HE server is wrapped in
-    `DistributedDPStrategy` and the branches clip and noise inside `HEMod`.
-    ``robust`` replaces FedAvg by the chosen robust aggregator (plaintext mode). With
-    ``mode = "secagg"`` each round's training runs inside Flower's SecAgg+ protocol
-    (`SecAggPlusAggregation` on the server, `secagg_mod` on the branches).
+    (``fedcrm keys init``): branches load its secret context through `HEMod`, the server only
+    the public one, and the server keeps ciphertext checkpoints in ``<run_dir>/checkpoints``.
+
+    Returns:
+        The result, the wiring (its HE server holds the checkpoints) and the run's keys.
+
+    Raises:
+        FederationStopped: Consent or budgets left too few branches, or the ledger refused.
+        FedCrmError: The run produced no result (Flower's log says why).
     """
-    agg = cfg.aggregation
-    wrap_strategy: StrategyWrapper | None = None
-    mods: list[Mod] = []
-    he_servers: list[HEAggregation] = []
-    distributed_dp: list[DistributedDPStrategy] = []
-    central_url = (cfg.dp.ledger_url if cfg.dp else None) or sqlite_url(ledger_path(run_dir))
-    compliance, trail, consent_db = None, None, None
-    if cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
-        consent_db = sqlite_url(compliance_path(run_dir))
-        compliance = ComplianceConfig(cfg.compliance.purpose, consent_db)
-        trail = RunAudit(consent_db, run_dir.name)
-    if agg.mode is AggregationMode.HE:
+    keys = None
+    public = None
+    if cfg.aggregation.mode is AggregationMode.HE:
         keys = init_keys(run_dir / "keys")
-        secret_path = keys.secret_path
-        if trail is not None:
-            trail.key_generation(
+        public = load_public_context(keys.public_path)
+        if audit is not None:
+            audit.key_generation(
                 key_id=keys.key_id, generation=keys.generation, params=asdict(keys.params)
             )
-
-        def wrap_he(inner: Strategy) -> Strategy:
-            server = HEAggregation(
-                inner,
-                public_context=load_public_context(keys.public_path),
-                checkpoint_dir=run_dir / "checkpoints",
-            )
-            he_servers.append(server)
-            ddp_cfg = cfg.central_dp
-            if ddp_cfg is None or ddp_cfg.mode is not CentralDPMode.DISTRIBUTED:
-                return server
-            distributed = DistributedDPStrategy(
-                server,
-                ddp_cfg,
-                rounds=cfg.federation.num_rounds,
-                min_honest=cfg.min_honest_branches,
-                ledger=PrivacyLedger(open_store(central_url)),
-                run_id=run_dir.name,
-            )
-            distributed_dp.append(distributed)
-            return distributed
-
-        wrap_strategy, mods = wrap_he, [HEMod(run_dir / "keys")]
-    elif agg.mode is AggregationMode.SECAGG:
-
-        def wrap_secagg(inner: Strategy) -> Strategy:
-            return SecAggPlusAggregation(inner, agg.secagg, timeout=cfg.federation.round_timeout)
-
-        wrap_strategy, mods = wrap_secagg, [secagg_mod]
-    elif agg.robust.aggregator is not RobustAggregator.NONE:
-
-        def wrap_robust(inner: Strategy) -> Strategy:
-            if not isinstance(inner, FedAvg):
-                raise ConfigError(f"{agg.robust.aggregator} replaces FedAvg only")
-            return robust_strategy(inner, agg.robust)
-
-        wrap_strategy = wrap_robust
-    # Guardrails: Flower's central DP never with HE, SecAgg+ or robust (distributed: HE above).
-    # The ServerApp wraps the strategy (`central_dp_wrapper`), as it does when deployed.
-    central_cfg = cfg.central_dp
-    if central_cfg is not None and central_cfg.mode is CentralDPMode.DISTRIBUTED:
-        central_cfg = None
-    if central_cfg is not None and central_cfg.mode.client_side:
-        mods = [
-            adaptive_clipping_mod if central_cfg.mode.adaptive else fixed_clipping_mod,
-            *mods,
-        ]
+    ledger = (cfg.dp.ledger_url if cfg.dp else None) or sqlite_url(ledger_path(run_dir))
+    wiring = Wiring(
+        cfg.aggregation,
+        cfg.central_dp,
+        rounds=cfg.federation.num_rounds,
+        run_id=run_dir.name,
+        ledger_url=ledger,
+        round_timeout=cfg.federation.round_timeout,
+        public_context=public,
+        checkpoint_dir=run_dir / "checkpoints" if keys is not None else None,
+        min_honest=cfg.min_honest_branches,
+    )
+    consent_db = None if cfg.compliance is None else sqlite_url(compliance_path(run_dir))
     results: list[FederationResult] = []
     stopped: list[FederationStopped] = []
     server_app = make_server_app(
         cfg.federation,
-        min_nodes=num_branches,
+        settings,
+        min_nodes=len(federation.branches),
         on_round=on_round,
         results=results,
+        wiring=wiring,
         dp=cfg.dp,
-        central_dp=central_cfg,
-        ledger_url=sqlite_url(ledger_path(run_dir)),
+        ledger_url=ledger,
         run_id=run_dir.name,
         errors=stopped,
-        wrap_strategy=wrap_strategy,
-        compliance=compliance,
-        audit=trail,
+        compliance=ComplianceConfig(
+            None if cfg.compliance is None else cfg.compliance.purpose, consent_db
+        ),
+        audit=audit,
         traffic=traffic,
     )
-    client_app = make_client_app(run_dir / "branches", mods=mods, consent_db=consent_db)
+    client_app = make_client_app(
+        run_dir / "branches",
+        simulation=federation.handle,
+        mods=client_mods(cfg, None if keys is None else run_dir / "keys"),
+        consent_db=consent_db,
+    )
     with _FlowerLogToFile(run_dir / "flower.log"), ray_session_dir(run_dir) as ray_dir:
         run_simulation(
             server_app=server_app,
             client_app=client_app,
-            num_supernodes=num_branches,
+            num_supernodes=len(federation.branches),
             backend_config=_backend_config(cfg, ray_dir),
         )
     if stopped:
         raise stopped[0]
     if not results:
         raise FedCrmError(f"the federated run produced no result; see {run_dir / 'flower.log'}")
-    result = results[0]
-    if distributed_dp:
-        result.central_dp = distributed_dp[0].summary_data.as_dict()
-    server = he_servers[0] if he_servers else None
-    if server is not None and server.initial is not None:
-        model = replay_global_model(
-            server.initial,
-            server.checkpoints[: result.best_round],
-            load_secret_context(secret_path),
+    return results[0], wiring, keys
+
+
+def released_model(result: FederationResult, wiring: Wiring, keys: KeyGeneration | None) -> Arrays:
+    """The released model in plaintext: under HE, the key holder replays the checkpoints.
+
+    In a simulation the researcher holds the key authority's files, as it holds the pooled
+    data; the replay is exactly what every branch holds after the released round.
+    """
+    server = wiring.he
+    if server is None or keys is None:
+        return result.arrays
+    if server.initial is None:
+        raise FedCrmError("the HE run sent no initial model; nothing to replay")
+    model = replay_global_model(
+        server.initial,
+        server.checkpoints[: result.best_round],
+        load_secret_context(keys.secret_path),
+    )
+    return {name: np.asarray(a, dtype=np.float32) for name, a in model.items()}
+
+
+def _check_branches(cfg: ExperimentConfig, federation: SimulatedFederation) -> None:
+    """Refuse before Ray starts what the number of branches makes impossible.
+
+    Raises:
+        ConfigError: Distributed DP's ``K_min`` exceeds the branches, or SecAgg+ cannot sum
+            them without wrapping around its modulus.
+    """
+    count = len(federation.branches)
+    central = cfg.central_dp
+    distributed = central is not None and central.mode is CentralDPMode.DISTRIBUTED
+    if distributed and cfg.min_honest_branches > count:
+        raise ConfigError(
+            f"[central-dp] min-honest-branches (K_min = {cfg.min_honest_branches}, default "
+            f"min-train-nodes) exceeds the {count} branches: no round could be released"
         )
-        result.state_dict = ArrayRecord(
-            {n: Array(a) for n, a in model.items()}
-        ).to_torch_state_dict()
-    return result
+    if cfg.aggregation.mode is AggregationMode.SECAGG:
+        cfg.aggregation.secagg.check_capacity(count)
 
 
 def traffic_summary(
@@ -405,137 +325,135 @@ def run_experiment(
     cfg: ExperimentConfig,
     *,
     runs_root: Path = Path("runs"),
-    on_round: Callable[[RoundRecord], None] | None = None,
+    on_round: RoundHook | None = None,
     on_phase: PhaseCallback | None = None,
 ) -> Path:
     """Run one experiment end to end and return its run directory."""
     phase = on_phase or (lambda _msg: None)
+    task, experiment = cfg.plugin, cfg.plugin.experiment
     run_dir = new_run_dir(runs_root, cfg.name)
-    (run_dir / "config.toml").write_text(tomli_w.dumps(to_toml_dict(cfg)), encoding="utf-8")
-
-    phase("writing branch exports")
-    schema, branches = write_branches(cfg, run_dir)
-    splits, scaler = pooled_splits(run_dir, schema, branches, cfg.federation.seed)
-    pooled = _pool(splits, schema, scaler)
-    consent_made_up = None
-    consent_branches = [
-        (b.partition_id, b.name, branch_dir(run_dir / "branches", b.partition_id)) for b in branches
-    ]
-    if cfg.compliance is not None:
-        if cfg.aggregation.mode is AggregationMode.SECAGG:
-            raise ConfigError("[compliance] with mode 'secagg' is not supported yet")
+    phase("preparing the branches")
+    federation = experiment.prepare(cfg.spec, cfg.settings, run_dir, seed=cfg.seed)
+    settings = federation.settings or cfg.settings
+    resolved = replace(cfg, settings=settings)
+    (run_dir / "config.toml").write_text(tomli_w.dumps(to_toml_dict(resolved)), encoding="utf-8")
+    _check_branches(cfg, federation)
+    seed = cfg.federation.seed
+    trail, consent_made_up = None, None
+    if cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
         phase("importing the branches' consent")
+        url = sqlite_url(compliance_path(run_dir))
         consent_made_up = setup_branch_consent(
             cfg.compliance,
-            consent_branches,
-            url=sqlite_url(compliance_path(run_dir)),
-            id_column=schema.id_column,
+            [
+                (b, experiment.customers(federation, b, settings, seed=seed))
+                for b in federation.branches
+            ],
+            url=url,
             seed=cfg.seed,
             now=datetime.now(UTC),
         )
-    if cfg.aggregation.mode is AggregationMode.SECAGG:  # fail before Ray starts
-        cfg.aggregation.secagg.check_capacity(len(branches))
-        cfg.aggregation.secagg.check_weight(max(len(s.train) for s in splits))
+        trail = RunAudit(url, run_dir.name)
 
     metrics_path = run_dir / "metrics.jsonl"
-
     meter = TrafficMeter()
     traffic: list[RoundTraffic] = []
 
     def record_round(record: RoundRecord) -> None:
         traffic.append(meter.take())
-        line = {**record.__dict__, "traffic": traffic[-1].as_dict()}
+        line = {**asdict(record), "traffic": traffic[-1].as_dict()}
         with metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, default=float) + "\n")
         if on_round is not None:
             on_round(record)
 
-    phase(f"federated training: {len(branches)} branches, {cfg.federation.num_rounds} rounds")
+    rounds = cfg.federation.num_rounds
+    phase(f"federated training: {len(federation.branches)} branches, {rounds} rounds")
     t0 = time.perf_counter()
-    result = simulate(cfg, run_dir, len(branches), record_round, traffic=meter)
-    fed_seconds = time.perf_counter() - t0
-    save_file(result.state_dict, str(run_dir / "model.safetensors"))
-    compliance = None
+    result, wiring, keys = simulate(
+        resolved, run_dir, federation, settings, on_round=record_round, traffic=meter, audit=trail
+    )
+    seconds = time.perf_counter() - t0
+    arrays = released_model(result, wiring, keys)
+    model_path = task.save_model(arrays, run_dir)
+    compliance: dict[str, Any] | None = None
+    kept = None
     if cfg.compliance is not None:
+        url = sqlite_url(compliance_path(run_dir))
         compliance = finish_run_audit(
             run_dir,
-            sqlite_url(compliance_path(run_dir)),
-            model_path=run_dir / "model.safetensors",
+            url,
+            model_path=model_path,
+            model=task.model_name,
             last_round=result.best_round,
         )
         compliance["consent_imported"] = consent_made_up
-        # Evaluation and baselines are processing too: the same gate, as of the run's end,
-        # and the features scaled as the federated model was trained (the gated statistics).
-        splits, compliance["evaluation_gate"] = gate_pooled_splits(
+        # Evaluation and baselines are processing too: the same gate, as of the run's end.
+        kept, compliance["evaluation_gate"] = gate_branches(
             cfg.compliance,
-            consent_branches,
-            splits,
-            url=sqlite_url(compliance_path(run_dir)),
-            id_column=schema.id_column,
+            [
+                (b, experiment.subjects(federation, b, settings, seed=seed))
+                for b in federation.branches
+            ],
+            url=url,
             at=datetime.now(UTC),
         )
-        pooled = _pool(splits, schema, result.scaler)
-
-    model = model_from_state(result.state_dict)
-    federated = exact_metrics(
-        pooled.y_val,
-        predict_proba(model, pooled.x_val),
-        pooled.y_test,
-        predict_proba(model, pooled.x_test),
-    )
-
-    centralised = {}
-    if cfg.baselines.enabled:
-        phase("centralised baselines on the same split")
-        f = cfg.federation
-        settings = TrainSettings(
-            epochs=cfg.baselines.torch_epochs,
-            batch_size=f.batch_size,
-            lr=f.lr,
-            weight_decay=f.weight_decay,
-            optimizer="adam" if f.optimizer == "adam" else "sgd",
-            momentum=f.momentum,
+    phase("scoring the released model and the centralised baselines on the same split")
+    outcome = experiment.finish(
+        FinishedRun(
+            spec=cfg.spec,
+            settings=settings,
+            seed=seed,
+            run_dir=run_dir,
+            federation=federation,
+            arrays=arrays,
+            rounds=[r.evaluate for r in result.rounds],
+            best_round=result.best_round,
+            statistics=result.statistics,
+            kept=kept,
         )
-        baselines = run_baselines(pooled, settings, seed=f.seed, hidden=f.hidden)
-        centralised = {k: v.as_dict() for k, v in baselines.items()}
-
-    summary = {
+    )
+    label, _ = task.headline(settings)
+    summary: dict[str, Any] = {
         "name": cfg.name,
-        "dataset": cfg.dataset,
+        "task": task.name,
         "run_dir": str(run_dir),
-        "branches": [b.__dict__ for b in branches],
-        "rows": {
-            "train": len(pooled.y_train),
-            "val": len(pooled.y_val),
-            "test": len(pooled.y_test),
-        },
+        **{key: v for key, v in outcome.summary.items() if key != "federated"},
+        "branches": [b.info for b in federation.branches],
         "federated": {
-            **federated.as_dict(),
+            **outcome.summary.get("federated", {}),
             "strategy": str(cfg.federation.strategy),
-            "rounds": cfg.federation.num_rounds,
+            "rounds": rounds,
             "best_round": result.best_round,
-            "model_selection": "round with the best pooled validation ROC-AUC",
-            "seconds": fed_seconds,
-            "evaluated_on": (
-                "pooled test rows of every branch (exact)"
-                if cfg.compliance is None
-                else "pooled test rows with valid consent at the run's end (exact)"
+            "model_selection": (
+                f"round with the best pooled {selection}"
+                if (selection := task.selection_metric(settings))
+                else "the last round"
             ),
+            "seconds": seconds,
             "last_round": result.rounds[-1].evaluate if result.rounds else {},
-            "rejected_updates": [r.__dict__ for r in result.rejections],
+            "rejected_updates": [asdict(r) for r in result.rejections],
         },
-        "centralised": centralised,
         "traffic": traffic_summary(cfg.aggregation.mode, result.rounds, traffic),
     }
     if compliance is not None:
         summary["compliance"] = compliance
     if result.dp is not None:
         summary["privacy"] = privacy_summary(
-            result, ledger=result.dp.ledger_url or sqlite_url(ledger_path(run_dir))
+            result,
+            ledger=result.dp.ledger_url or sqlite_url(ledger_path(run_dir)),
+            statement=task.dp_statement(settings),
         )
     if result.central_dp is not None:
         summary["central_dp"] = result.central_dp
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    write_report(run_dir, summary, [r.evaluate for r in result.rounds])
+    write_report(
+        run_dir,
+        summary,
+        outcome.report,
+        plot=outcome.plot,
+        centralised=outcome.centralised,
+        label=label,
+    )
     phase(f"report written to {run_dir / 'report.md'}")
     return run_dir

@@ -1,61 +1,67 @@
-"""fedcrm.strategies: the public API of the subpackage.
+"""fedcrm.strategies: small wrappers around Flower's strategies.
 
-Aggregation: validation, HE, SecAgg+, central and distributed DP, robust aggregators.
-
-The names below are this subpackage's public API (what other subpackages, benchmarks and
-users import); they load on first use. Every other name is internal.
+Reply validation, HE and SecAgg+ aggregation, central and distributed branch-level DP, robust
+aggregators, the guardrails that refuse combinations which cannot work, and the strategy
+factory.
 """
 
-from fedcrm._exports import lazy_exports
+from fedcrm.strategies._grid import DelegatingGrid
+from fedcrm.strategies.central_dp import (
+    CentralBudgetExhausted,
+    CentralDPStrategy,
+    ledger_history,
+)
+from fedcrm.strategies.distributed_dp import DistributedDPStrategy
+from fedcrm.strategies.factory import EvaluationPooling, StrategyName, build_strategy
+from fedcrm.strategies.guardrails import (
+    AggregationMode,
+    CombinationRefused,
+    RobustAggregator,
+    ServerClipping,
+    check_combination,
+)
+from fedcrm.strategies.he import (
+    Checkpoint,
+    HEAggregation,
+    checkpoint_record,
+    parse_checkpoint,
+    replay_global_model,
+)
+from fedcrm.strategies.robust import RobustConfig, robust_strategy
+from fedcrm.strategies.secagg import (
+    RUN_CONFIG_KEYS,
+    SecAggConfig,
+    SecAggPlusAggregation,
+    quantization_error_bound,
+)
+from fedcrm.strategies.validated import Rejection, ValidatedStrategy, check_update
 
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "_grid": ("DelegatingGrid",),
-    "central_dp": (
-        "CentralBudgetExhausted",
-        "CentralDPStrategy",
-        "central_dp_wrapper",
-    ),
-    "distributed_dp": ("DistributedDPStrategy",),
-    "factory": (
-        "StrategyName",
-        "build_strategy",
-    ),
-    "guardrails": (
-        "AggregationMode",
-        "RobustAggregator",
-        "ServerClipping",
-        "check_combination",
-    ),
-    "he": (
-        "Checkpoint",
-        "HEAggregation",
-        "HE_AGGREGATE",
-        "HE_COUNT",
-        "HE_KEY_ID",
-        "HE_RECORD",
-        "HE_ROUND",
-        "HE_UPDATE",
-        "apply_aggregate",
-        "flatten",
-        "pre_weight",
-        "replay_global_model",
-    ),
-    "robust": (
-        "RobustConfig",
-        "robust_strategy",
-    ),
-    "secagg": (
-        "KEY_PARAM_NAMES",
-        "KEY_SECAGG_CLIPPING_RANGE",
-        "KEY_SECAGG_MAX_WEIGHT",
-        "RUN_CONFIG_KEYS",
-        "SecAggConfig",
-        "SecAggPlusAggregation",
-    ),
-    "validated": (
-        "Rejection",
-        "ValidatedStrategy",
-    ),
-}
-
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "RUN_CONFIG_KEYS",
+    "AggregationMode",
+    "CentralBudgetExhausted",
+    "CentralDPStrategy",
+    "Checkpoint",
+    "CombinationRefused",
+    "DelegatingGrid",
+    "DistributedDPStrategy",
+    "EvaluationPooling",
+    "HEAggregation",
+    "Rejection",
+    "RobustAggregator",
+    "RobustConfig",
+    "SecAggConfig",
+    "SecAggPlusAggregation",
+    "ServerClipping",
+    "StrategyName",
+    "ValidatedStrategy",
+    "build_strategy",
+    "check_combination",
+    "check_update",
+    "checkpoint_record",
+    "ledger_history",
+    "parse_checkpoint",
+    "quantization_error_bound",
+    "replay_global_model",
+    "robust_strategy",
+]

@@ -40,7 +40,7 @@ What fedcrm adds around Flower's wrappers, and why:
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -57,7 +57,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.compliance import (
     Accountant,
     Decision,
@@ -67,7 +67,6 @@ from fedcrm.compliance import (
     PrivacyLedger,
     PrivacyUnit,
     SamplingMethod,
-    open_store,
 )
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import dp_sgd
@@ -87,8 +86,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_KEY: Final = "central-dp-weight"
 """The constant weight the inner FedAvg averages by under central DP (equal weights)."""
-NORM_BIT_KEY: Final = "norm_bit"
-"""Flower's clipped bit (``flwr.supercore.differential_privacy.KEY_NORM_BIT``)."""
 NORM_RTOL: Final = 1e-4
 """Relative slack of the server's check that a branch-clipped update has norm <= C (float32)."""
 
@@ -421,7 +418,7 @@ class CentralDPStrategy(Strategy):
             return f"central DP: update norm {norm:.6g} exceeds the clipping norm {c:.6g}"
         if self.config.mode is CentralDPMode.CLIENT_ADAPTIVE:
             metrics = next(iter(reply.content.metric_records.values()))
-            if metrics.get(NORM_BIT_KEY) not in (0, 1):
+            if metrics.get(k.KEY_NORM_BIT) not in (0, 1):
                 return "central DP: reply has no clipped bit (adaptiveclipping_mod missing)"
         return None
 
@@ -500,7 +497,7 @@ class CentralDPStrategy(Strategy):
             {
                 key: value
                 for key, value in (metrics or MetricRecord()).items()
-                if key not in (NORM_BIT_KEY, WEIGHT_KEY)  # the exact clipped share is private
+                if key not in (k.KEY_NORM_BIT, WEIGHT_KEY)  # the exact clipped share is private
             }
         )
         out["central-dp-epsilon"] = epsilon
@@ -529,39 +526,3 @@ class CentralDPStrategy(Strategy):
     ) -> MetricRecord | None:
         """Delegate."""
         return self.dp.aggregate_evaluate(server_round, replies)
-
-
-def central_dp_wrapper(
-    config: CentralDPConfig,
-    *,
-    rounds: int,
-    ledger_url: str,
-    run_id: str,
-    built: list[CentralDPStrategy],
-) -> Callable[[Strategy], Strategy]:
-    """The strategy wrapper of a central-DP run, for the simulation and the deployed ServerApp.
-
-    Args:
-        config: The branch-level DP settings.
-        rounds: Rounds of the run (the noise is planned for them).
-        ledger_url: The privacy ledger the rounds are recorded in (and the history read from);
-            opened when the strategy is wrapped.
-        run_id: The run's id in the ledger.
-        built: The wrapping strategy is appended here, for its summary after the run.
-
-    Returns:
-        A function that wraps the inner FedAvg / FedProx in :class:`CentralDPStrategy`.
-    """
-
-    def wrap(inner: Strategy) -> Strategy:
-        strategy = CentralDPStrategy(
-            inner,
-            config,
-            rounds=rounds,
-            ledger=PrivacyLedger(open_store(ledger_url)),
-            run_id=run_id,
-        )
-        built.append(strategy)
-        return strategy
-
-    return wrap

@@ -49,7 +49,8 @@ from fedcrm.strategies.central_dp import (
     branch_ledger_entry,
     ledger_history,
 )
-from fedcrm.strategies.he import HE_RECORD, HEAggregation
+from fedcrm.strategies.he import HEAggregation
+from fedcrm.wire import HE_RECORD
 
 __all__ = ["DistributedDPStrategy"]
 

@@ -1,11 +1,15 @@
 """Build the configured federated optimisation strategy (FedAvg, FedProx or FedAdam)."""
 
+from collections.abc import Callable
 from enum import StrEnum
 
+from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
-from fedcrm import constants as k
-from fedcrm.strategies.pooled_metrics import aggregate_churn_evaluation
+from fedcrm import wire as k
+
+EvaluationPooling = Callable[[list[RecordDict], str], MetricRecord]
+"""Pools the branches' evaluation replies (the task's `aggregate_evaluation`)."""
 
 
 class StrategyName(StrEnum):
@@ -23,14 +27,14 @@ def build_strategy(
     name: StrategyName,
     *,
     num_nodes: int,
+    evaluate_metrics: EvaluationPooling,
     fraction_train: float = 1.0,
     proximal_mu: float = 0.01,
     server_lr: float = 0.01,
 ) -> Strategy:
     """Return the inner strategy, sampling ``fraction_train`` of ``num_nodes`` branches a round.
 
-    Evaluation always runs on every branch, and its replies are pooled by
-    `aggregate_churn_evaluation`.
+    Evaluation always runs on every branch, and its replies are pooled by ``evaluate_metrics``.
     """
     common = {
         "fraction_train": fraction_train,
@@ -41,7 +45,7 @@ def build_strategy(
         "weighted_by_key": k.KEY_NUM_EXAMPLES,
         "arrayrecord_key": k.ARRAYS,
         "configrecord_key": k.CONFIG,
-        "evaluate_metrics_aggr_fn": aggregate_churn_evaluation,
+        "evaluate_metrics_aggr_fn": evaluate_metrics,
     }
     if name is StrategyName.FEDAVG:
         return FedAvg(**common)  # type: ignore[arg-type]

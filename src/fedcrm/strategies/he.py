@@ -25,7 +25,7 @@ TenSEAL filters for the key custody (branches hold the secret key, the server on
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -47,113 +47,32 @@ from fedcrm.privacy.he import (
     decrypt,
     sum_encrypted,
 )
+from fedcrm.wire import (
+    HE_AGGREGATE,
+    HE_COUNT,
+    HE_KEY_ID,
+    HE_RECORD,
+    HE_ROUND,
+    HE_UPDATE,
+    FloatArrays,
+    apply_aggregate,
+)
 
 __all__ = [
-    "HE_AGGREGATE",
-    "HE_COUNT",
-    "HE_KEY_ID",
-    "HE_RECORD",
-    "HE_ROUND",
-    "HE_UPDATE",
-    "WEIGHT_UNIT",
     "Checkpoint",
     "HEAggregation",
     "HERejection",
-    "apply_aggregate",
     "checkpoint_record",
-    "flatten",
     "parse_checkpoint",
-    "pre_weight",
     "replay_global_model",
-    "unflatten",
 ]
 
 logger = logging.getLogger(__name__)
-
-# Message keys of the HE protocol (to move into fedcrm.constants once its other editor is done).
-HE_RECORD: Final = "he"
-"""ConfigRecord name carrying the HE fields in both directions."""
-HE_KEY_ID: Final = "he-key-id"
-"""The key id the round uses (server -> branch); the branch encrypts under it."""
-HE_ROUND: Final = "he-round"
-"""Server -> branch: the round whose aggregate is attached (0: plaintext initial model)."""
-HE_AGGREGATE: Final = "he-aggregate"
-"""Server -> branch: serialized encrypted aggregate (``EncryptedUpdate.to_bytes``)."""
-HE_COUNT: Final = "he-count"
-"""Server -> branch: the summed example count of the aggregate."""
-HE_UPDATE: Final = "he-update"
-"""Branch -> server: the serialized encrypted pre-weighted delta."""
 
 # Names inside a ciphertext checkpoint ArrayRecord.
 _CKPT_CIPHERTEXT: Final = "he-ciphertext"
 _CKPT_COUNT: Final = "he-count"
 _CKPT_ROUND: Final = "he-round"
-
-FloatArrays = Mapping[str, npt.NDArray[np.floating]]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure helpers shared by the server, the branch mod and the simulation's replay
-# --------------------------------------------------------------------------------------------
-
-
-def flatten(arrays: FloatArrays) -> npt.NDArray[np.float64]:
-    """Concatenate arrays (in the mapping's order: the model's ``state_dict`` order)."""
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
-
-
-def unflatten(
-    vector: npt.NDArray[np.float64], like: FloatArrays
-) -> dict[str, npt.NDArray[np.floating]]:
-    """Cut ``vector`` into arrays shaped and typed like ``like``.
-
-    Raises:
-        ValueError: ``vector`` has another length than ``like`` holds values.
-    """
-    total = sum(int(np.asarray(a).size) for a in like.values())
-    if vector.size != total:
-        raise ValueError(f"vector of {vector.size} values for a model of {total}")
-    out: dict[str, npt.NDArray[np.floating]] = {}
-    offset = 0
-    for name, ref in like.items():
-        ref_arr = np.asarray(ref)
-        out[name] = (
-            vector[offset : offset + ref_arr.size].reshape(ref_arr.shape).astype(ref_arr.dtype)
-        )
-        offset += ref_arr.size
-    return out
-
-
-WEIGHT_UNIT: Final = 100.0
-"""Branches pre-weight their delta by ``n_k / WEIGHT_UNIT`` rather than ``n_k``.
-
-CKKS parameters declare a range per encrypted value (``max_abs_value``, 1e3 by default); raw
-counts pushed a Telco branch of 2,500 customers past it in round 1 (a delta entry of 0.54 times
-2,500). With this unit a branch of 10,000 rows may send delta entries up to 10. The unit cancels
-in `apply_aggregate`; the price is that CKKS's absolute error per value (about 6e-7 for 1,000
-branches) is scaled by ``WEIGHT_UNIT / sum(n_k)``, negligible once the round holds a few
-hundred rows."""
-
-
-def pre_weight(delta: npt.NDArray[np.float64], count: float) -> npt.NDArray[np.float64]:
-    """The vector a branch encrypts: its delta weighted by ``count / WEIGHT_UNIT``."""
-    return (float(count) / WEIGHT_UNIT) * delta
-
-
-def apply_aggregate(
-    base: FloatArrays, total: npt.NDArray[np.float64], count: float
-) -> dict[str, npt.NDArray[np.floating]]:
-    """The next global model: ``base + total * WEIGHT_UNIT / count``.
-
-    ``total`` is the decrypted sum of the branches' `pre_weight`-ed deltas and ``count`` the
-    sum of their example counts, so the result is the example-weighted mean delta (FedAvg).
-
-    Raises:
-        ValueError: ``count`` is not positive, or the lengths differ.
-    """
-    if not count > 0:
-        raise ValueError(f"the aggregate's example count must be > 0, got {count}")
-    return unflatten(flatten(base) + total * (WEIGHT_UNIT / count), base)
 
 
 @dataclass(frozen=True, slots=True)

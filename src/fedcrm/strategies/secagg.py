@@ -72,16 +72,12 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.strategies._grid import DelegatingGrid
 from fedcrm.strategies.validated import Rejection
 
 __all__ = [
-    "KEY_PARAM_NAMES",
-    "KEY_SECAGG_CLIPPING_RANGE",
-    "KEY_SECAGG_MAX_WEIGHT",
-    "KEY_SECAGG_SUMMED",
     "RUN_CONFIG_KEYS",
     "SecAggConfig",
     "SecAggPlusAggregation",
@@ -91,13 +87,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Fit-config keys the server adds for the branch's SecAgg+ adapter (server -> branch).
-KEY_PARAM_NAMES: Final = "secagg-param-names"
-"""JSON list of the model's parameter names, in the order of the legacy parameter list."""
-KEY_SECAGG_CLIPPING_RANGE: Final = "secagg-clipping-range"
-KEY_SECAGG_MAX_WEIGHT: Final = "secagg-max-weight"
-KEY_SECAGG_SUMMED: Final = "secagg-summed"
-"""Train metric: how many branches' masked updates entered the round's sum."""
 
 _MAX_MODULUS: Final = 2**32
 """Flower's masks are drawn below 2**32 (``modulus_range`` must not exceed it)."""
@@ -370,9 +359,9 @@ class _LegacyBridge(LegacyStrategy):
         out: list[tuple[ClientProxy, FitIns]] = []
         for msg in self.messages:
             config: dict[str, Any] = dict(msg.content.config_records.get(k.CONFIG, {}))
-            config[KEY_PARAM_NAMES] = json.dumps(self.names)
-            config[KEY_SECAGG_CLIPPING_RANGE] = float(self.cfg.clipping_range)
-            config[KEY_SECAGG_MAX_WEIGHT] = float(self.cfg.max_weight)
+            config[k.KEY_PARAM_NAMES] = json.dumps(self.names)
+            config[k.KEY_SECAGG_CLIPPING_RANGE] = float(self.cfg.clipping_range)
+            config[k.KEY_SECAGG_MAX_WEIGHT] = float(self.cfg.max_weight)
             node = msg.metadata.dst_node_id
             fitins = FitIns(self.parameters, cast(dict[str, Scalar], config))
             out.append((GridClientProxy(node_id=node, grid=self.grid, run_id=run_id), fitins))
@@ -552,7 +541,7 @@ class SecAggPlusAggregation(Strategy):
         reply, self._reply = self._reply, None
         arrays, metrics = self.inner.aggregate_train(server_round, [reply])
         if metrics is not None and self.rounds:
-            metrics[KEY_SECAGG_SUMMED] = len(self.rounds[-1].survivors)
+            metrics[k.KEY_SECAGG_SUMMED] = len(self.rounds[-1].survivors)
         return arrays, metrics
 
     def configure_evaluate(

@@ -1,11 +1,10 @@
 """Client-side clipping mods: Flower's clipping where it applies, hand-through elsewhere."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,15 +14,7 @@ from fedcrm.client.central_dp_mod import (
     fixed_clipping_mod,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity() -> Iterator[None]:
-    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
-    for name in saved:
-        setattr(TaskIdentity, name, 1)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GLOBAL = np.linspace(-1, 1, 12).astype(np.float32)

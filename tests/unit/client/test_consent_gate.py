@@ -3,7 +3,6 @@
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from fedcrm.client.consent_gate import (
@@ -15,16 +14,11 @@ from fedcrm.client.consent_gate import (
 )
 from fedcrm.compliance import ConsentRegistry, Notice, Purpose, open_store, sqlite_url
 from fedcrm.compliance.manifest import ConsentRefusal, ManifestArchive, RefusalCode
-from fedcrm.data.split import Split
 from fedcrm.exceptions import ConfigError
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 CHURN = Purpose.CHURN_MODEL_TRAINING
 NOTICE = Notice.from_text("n", "v1", "text")
-
-
-def _frame(ids: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"customer_id": ids, "x": range(len(ids))})
 
 
 @pytest.fixture
@@ -40,20 +34,26 @@ def consent(tmp_path: Path) -> BranchConsent:
     return BranchConsent(url=url, branch="b1", folder=tmp_path / "branch-consent")
 
 
-def _split() -> Split:
-    return Split(
-        train=_frame(["p_ok1", "p_ok2", "p_gone", "p_no", "p_never", "p_stale"]),
-        val=_frame(["p_val", "p_gone"]),
-        test=_frame(["p_never"]),
-    )
+SUBJECTS = {
+    "train": ["p_ok1", "p_ok2", "p_gone", "p_no", "p_never", "p_stale"],
+    "val": ["p_val", "p_gone"],
+    "test": ["p_never"],
+}
+"""A branch's customer pseudonyms per part, as its task lists them (`Task.subjects`)."""
+
+
+def _kept(result: GateResult, part: str) -> list[str]:
+    """The customers of ``part`` the gate keeps, in the part's order."""
+    return [c for c in SUBJECTS[part] if c in result.kept]
 
 
 def test_gate_keeps_valid_rows_and_counts_the_rest(consent: BranchConsent) -> None:
     at = NOW + timedelta(seconds=1)
-    result = apply_gate(_split(), id_column="customer_id", purpose=CHURN, consent=consent, at=at)
+    result = apply_gate(SUBJECTS, purpose=CHURN, consent=consent, at=at)
     assert isinstance(result, GateResult)
-    assert list(result.split.train["customer_id"]) == ["p_ok1", "p_ok2", "p_stale"]
-    assert list(result.split.val["customer_id"]) == ["p_val"] and result.split.test.empty
+    assert result.kept == {"p_ok1", "p_ok2", "p_stale", "p_val"}
+    assert result.train_customers == _kept(result, "train") == ["p_ok1", "p_ok2", "p_stale"]
+    assert _kept(result, "val") == ["p_val"] and _kept(result, "test") == []
     assert result.rows_before == 6
     assert result.excluded == {"withdrawn": 1, "refused": 1, "no-consent": 1}
     assert result.excluded_by_split == {
@@ -63,14 +63,12 @@ def test_gate_keeps_valid_rows_and_counts_the_rest(consent: BranchConsent) -> No
     }
     # The same branch with a one-year retention period also leaves out the stale decision.
     kept = BranchConsent(**{**consent.__dict__, "retention": timedelta(days=365)})
-    retained = apply_gate(_split(), id_column="customer_id", purpose=CHURN, consent=kept, at=at)
+    retained = apply_gate(SUBJECTS, purpose=CHURN, consent=kept, at=at)
     assert isinstance(retained, GateResult)
     assert retained.excluded["retention"] == 1
-    assert list(retained.split.train["customer_id"]) == ["p_ok1", "p_ok2"]
+    assert retained.train_customers == ["p_ok1", "p_ok2"]
 
-    manifest = commit_round(
-        retained, id_column="customer_id", consent=kept, run_id="run-1", server_round=4
-    )
+    manifest = commit_round(retained, consent=kept, run_id="run-1", server_round=4)
     assert (manifest.rows_before, manifest.rows_after, manifest.leaves) == (6, 2, 2)
     assert manifest.snapshot_version == retained.snapshot.version >= 0
     (archived,) = ManifestArchive(kept.folder).rounds("run-1")
@@ -82,13 +80,19 @@ def test_purpose_binding_refuses_the_run(consent: BranchConsent) -> None:
     recs = BranchConsent(
         **{**consent.__dict__, "collected": frozenset({Purpose.RECOMMENDATION_TRAINING})}
     )
-    refusal = apply_gate(_split(), id_column="customer_id", purpose=CHURN, consent=recs, at=NOW)
+    refusal = apply_gate(SUBJECTS, purpose=CHURN, consent=recs, at=NOW)
     assert isinstance(refusal, ConsentRefusal)
     assert refusal.code is RefusalCode.PURPOSE_NOT_COLLECTED
     profiling = Purpose.MARKETING_PROFILING
-    none = apply_gate(_split(), id_column="customer_id", purpose=profiling, consent=consent, at=NOW)
+    none = apply_gate(SUBJECTS, purpose=profiling, consent=consent, at=NOW)
     assert isinstance(none, ConsentRefusal) and none.code is RefusalCode.NO_VALID_CONSENT
     assert not (consent.folder / "salts.json").exists()  # a refusal commits to nothing
+
+
+def test_a_branch_without_a_consented_training_customer_refuses(consent: BranchConsent) -> None:
+    subjects = {"train": ["p_gone", "p_never"], "val": ["p_ok1"], "test": []}
+    refusal = apply_gate(subjects, purpose=CHURN, consent=consent, at=NOW + timedelta(seconds=1))
+    assert isinstance(refusal, ConsentRefusal) and refusal.code is RefusalCode.NO_VALID_CONSENT
 
 
 def test_purposes_are_parsed_strictly() -> None:

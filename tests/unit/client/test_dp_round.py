@@ -1,89 +1,101 @@
-"""A branch's budget-checked DP-SGD round: plan, check, train, account, persist."""
+"""A branch's budget-checked DP-SGD round, for every task: plan, check, train, account, persist."""
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
-import torch
+from flwr.app import MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import TASK_IDS, Federation
 from fedcrm.client import dp_round
-from fedcrm.data.check import coerce_frame
-from fedcrm.data.preprocess import Scaler, local_moments
-from fedcrm.data.schema import MLC
-from fedcrm.data.split import Split, split_frame
-from fedcrm.data.synthetic import synthetic_export
-from fedcrm.models.churn import TrainSettings, build_model
+from fedcrm.client.source import resolve_source
 from fedcrm.privacy.accounting import AccountantStateError, BranchAccountant
 from fedcrm.privacy.dp_sgd import InsecureRNGWarning
 from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.tasks import RoundContext, Task, get_task
+from fedcrm.tasks.churn.branch import ChurnData
 
-SETTINGS = TrainSettings(epochs=1, batch_size=32, lr=0.1, optimizer="sgd", momentum=0.9)
-
-
-def _split(rows: int = 300, *, repeat_ids: bool = False) -> Split:
-    frame = coerce_frame(synthetic_export(MLC, rows, seed=3), MLC)
-    frame[MLC.id_column] = [f"p_{i // 2 if repeat_ids else i}" for i in range(len(frame))]
-    return split_frame(frame, label=MLC.label, seed=3)
+parametrize_tasks = pytest.mark.parametrize("task_name", TASK_IDS)
 
 
-@pytest.fixture(scope="module")
-def split() -> Split:
-    return _split()
+@dataclass
+class Branch:
+    """One branch's task, data, settings and the global model, outside any ClientApp."""
+
+    task: Task[Any, Any]
+    data: Any
+    settings: Any
+    arrays: dict[str, np.ndarray]
+    fed: Federation
+
+    def ctx(self, state: RecordDict | None = None) -> RoundContext:
+        return RoundContext(
+            server_round=1,
+            seed=1,
+            run_seed=0,
+            config=self.fed.grid.contexts[1].run_config,
+            state=state if state is not None else RecordDict(),
+            folder=self.fed.branches / "000",
+        )
+
+    def dp(self, **changes: Any) -> FederatedDPConfig:
+        values = {
+            "target_epsilon": 3.0,
+            "model": self.task.model_name,
+            "purpose": self.task.purpose,
+        }
+        return FederatedDPConfig(**{**values, **changes})
 
 
-@pytest.fixture(scope="module")
-def scaler(split: Split) -> Scaler:
-    return Scaler.from_moments(local_moments(split.train, MLC))
+@pytest.fixture
+def branch(federation: Federation) -> Branch:
+    task = get_task(federation.federation.task)
+    context = federation.grid.contexts[1]
+    source = resolve_source(context, federation.branches, federation.simulated.handle)
+    data = task.load(source, federation.settings, seed=federation.federation.seed)
+    # What every message carries: the statistics combined from this branch alone (the scaler).
+    statistics = MetricRecord(task.statistics(data, federation.settings))
+    context.run_config = task.combine_statistics(federation.settings, [statistics])
+    arrays = task.initial_arrays(federation.settings, seed=0)
+    return Branch(task, data, federation.settings, arrays, federation)
 
 
-def _state() -> dict[str, torch.Tensor]:
-    return build_model(MLC.input_dim, seed=0, hidden=(8,)).state_dict()
+def _where(tmp_path: Path, key: bytes | None = None) -> dp_round.BranchPrivacy:
+    return dp_round.BranchPrivacy(tmp_path / "privacy", "b1", key)
 
 
 def _round(
-    split: Split,
-    scaler: Scaler,
-    where: dp_round.BranchDPContext,
+    b: Branch,
+    where: dp_round.BranchPrivacy,
     dp: FederatedDPConfig,
     *,
     rounds: int = 3,
+    state: RecordDict | None = None,
 ) -> dp_round.DPRoundOutcome:
-    config, plan = dp_round.plan_branch(
-        dp, num_rows=len(split.train), settings=SETTINGS, rounds=rounds
-    )
     with pytest.warns(InsecureRNGWarning):
         return dp_round.private_round(
-            split,
-            MLC,
-            scaler,
-            _state(),
-            SETTINGS,
-            dp=dp,
-            config=config,
-            plan=plan,
-            where=where,
-            seed=0,
+            b.task, b.data, b.arrays, b.settings, b.ctx(state), dp=dp, rounds=rounds, where=where
         )
 
 
-def _where(tmp_path: Path, key: bytes | None = None) -> dp_round.BranchDPContext:
-    return dp_round.BranchDPContext(tmp_path / "privacy", "b1", key)
-
-
-def test_admitted_round_trains_and_persists_the_spend(
-    tmp_path: Path, split: Split, scaler: Scaler
-) -> None:
-    dp = FederatedDPConfig(target_epsilon=3.0)
+@parametrize_tasks
+def test_admitted_round_trains_and_persists_the_spend(branch: Branch, tmp_path: Path) -> None:
+    dp = branch.dp()
     where = _where(tmp_path)
-    out = _round(split, scaler, where, dp)
+    out = _round(branch, where, dp)
     report = out.report
-    assert report.admitted and out.state_dict is not None
-    assert out.state_dict.keys() == _state().keys()
-    assert not torch.equal(out.state_dict["net.0.weight"], _state()["net.0.weight"])
-    assert report.delta == pytest.approx(1 / len(split.train))  # record-level default: 1/n
-    assert report.privacy_unit == "customer"
-    assert "record-level DP-SGD is customer-level" in report.reason
+    assert report.admitted and out.update is not None
+    assert out.update.arrays.keys() == branch.arrays.keys()
+    name = next(iter(branch.arrays))
+    assert not np.array_equal(out.update.arrays[name], branch.arrays[name])
+    rows = branch.task.private_rows(branch.data, branch.settings)
+    assert report.delta == pytest.approx(1 / rows.rows)  # default: 1/n, n = the DP-SGD rows
+    assert report.privacy_unit == "customer" == rows.unit
+    assert rows.note in report.reason
     assert 0 < report.epsilon_round == report.epsilon <= dp.budget
     assert report.steps == report.planned_steps > 0
     path = dp_round.accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
@@ -92,82 +104,107 @@ def test_admitted_round_trains_and_persists_the_spend(
     assert stored.epsilon(report.delta) == pytest.approx(report.epsilon, abs=1e-12)
 
 
-def test_repeated_customers_make_the_unit_record(tmp_path: Path, scaler: Scaler) -> None:
-    split = _split(repeat_ids=True)
-    assert dp_round.privacy_unit_of(split, MLC) == "record"
+def test_repeated_customers_make_the_churn_unit_record(branch: Branch) -> None:
+    split = branch.data.split
+    train = split.train.copy()
+    train[branch.data.schema.id_column] = [f"p_{i // 2}" for i in range(len(train))]
+    repeated = ChurnData(type(split)(train, split.val, split.test), branch.data.schema)
+    assert branch.task.private_rows(repeated, branch.settings).unit == "record"
 
 
-def test_refused_round_changes_nothing(tmp_path: Path, split: Split, scaler: Scaler) -> None:
-    dp = FederatedDPConfig(target_epsilon=3.0)
+@parametrize_tasks
+def test_refused_round_changes_nothing(branch: Branch, tmp_path: Path) -> None:
+    dp = branch.dp()
     where = _where(tmp_path)
     # Plan for one round, then keep asking: the second round would pass the budget.
-    first = _round(split, scaler, where, dp, rounds=1)
+    first = _round(branch, where, dp, rounds=1)
     assert first.report.admitted
     path = dp_round.accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
     before = path.read_bytes()
-    config, plan = dp_round.plan_branch(dp, num_rows=len(split.train), settings=SETTINGS, rounds=1)
     out = dp_round.private_round(  # refused before make_private: no InsecureRNGWarning
-        split, MLC, scaler, _state(), SETTINGS, dp=dp, config=config, plan=plan, where=where
+        branch.task,
+        branch.data,
+        branch.arrays,
+        branch.settings,
+        branch.ctx(),
+        dp=dp,
+        rounds=1,
+        where=where,
     )
     report = out.report
-    assert report.decision == "refused" and out.state_dict is None
+    assert report.decision == "refused" and out.update is None
     assert report.steps == 0 and report.epsilon == report.epsilon_before == first.report.epsilon
     assert report.epsilon_round > 0  # what the round would have cost
     assert "above the budget" in report.reason
     assert path.read_bytes() == before  # accountant untouched
 
 
+@parametrize_tasks
+def test_the_plan_is_made_once_and_cached_in_the_node_state(branch: Branch, tmp_path: Path) -> None:
+    state = RecordDict()
+    dp = branch.dp(max_epsilon=50.0)
+    first = _round(branch, _where(tmp_path), dp, state=state)
+    assert "dp-plan" in state.config_records
+    cached = dict(state.config_records["dp-plan"])
+    second = _round(branch, _where(tmp_path), dp, state=state)
+    assert dict(state.config_records["dp-plan"]) == cached
+    assert second.report.noise_multiplier == first.report.noise_multiplier
+
+
 @settings(
-    max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     rounds=st.integers(min_value=2, max_value=4), restart_at=st.integers(min_value=0, max_value=3)
 )
 def test_cumulative_epsilon_never_decreases_across_rounds_and_restarts(
-    tmp_path_factory: pytest.TempPathFactory,
-    split: Split,
-    scaler: Scaler,
-    rounds: int,
-    restart_at: int,
+    tmp_path_factory: pytest.TempPathFactory, branch: Branch, rounds: int, restart_at: int
 ) -> None:
     where = _where(tmp_path_factory.mktemp("branch"))
-    dp = FederatedDPConfig(target_epsilon=4.0, noise_multiplier=1.5, max_epsilon=50.0)
+    dp = branch.dp(target_epsilon=4.0, noise_multiplier=1.5, max_epsilon=50.0)
     path = dp_round.accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
     seen = [0.0]
+    n = branch.task.private_rows(branch.data, branch.settings).rows
     for index in range(rounds):
         if index == restart_at:  # a restart: nothing but the JSON file survives
             reloaded = BranchAccountant.load(path) if path.exists() else BranchAccountant()
-            assert reloaded.epsilon(1 / len(split.train)) == pytest.approx(seen[-1], abs=1e-12)
-        report = _round(split, scaler, where, dp, rounds=rounds).report
+            assert reloaded.epsilon(1 / n) == pytest.approx(seen[-1], abs=1e-12)
+        report = _round(branch, where, dp, rounds=rounds).report
         assert report.admitted
         assert report.epsilon_before == pytest.approx(seen[-1], abs=1e-12)
         assert report.epsilon > seen[-1]
         seen.append(report.epsilon)
 
 
+@parametrize_tasks
 def test_corrupted_accountant_is_an_error_and_is_not_overwritten(
-    tmp_path: Path, split: Split, scaler: Scaler
+    branch: Branch, tmp_path: Path
 ) -> None:
-    dp = FederatedDPConfig(target_epsilon=3.0)
+    dp = branch.dp()
     where = _where(tmp_path)
     path = dp_round.accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
     path.parent.mkdir(parents=True)
     path.write_text('{"format": "fedcrm/branch-accountant", "history": []}')
-    config, plan = dp_round.plan_branch(dp, num_rows=len(split.train), settings=SETTINGS, rounds=2)
     with pytest.raises(AccountantStateError, match="integrity"):
         dp_round.private_round(
-            split, MLC, scaler, _state(), SETTINGS, dp=dp, config=config, plan=plan, where=where
+            branch.task,
+            branch.data,
+            branch.arrays,
+            branch.settings,
+            branch.ctx(),
+            dp=dp,
+            rounds=2,
+            where=where,
         )
     assert path.read_text() == '{"format": "fedcrm/branch-accountant", "history": []}'
 
 
-def test_keyed_accountant_needs_the_branch_key(
-    tmp_path: Path, split: Split, scaler: Scaler
-) -> None:
+@parametrize_tasks
+def test_keyed_accountant_needs_the_branch_key(branch: Branch, tmp_path: Path) -> None:
     key = dp_round.accountant_key(b"k" * 32)
     assert key is not None and key != b"k" * 32  # derived, never the key itself
-    dp = FederatedDPConfig(target_epsilon=3.0)
-    _round(split, scaler, _where(tmp_path, key), dp)
+    dp = branch.dp()
+    _round(branch, _where(tmp_path, key), dp)
     path = dp_round.accountant_path(tmp_path / "privacy", model=dp.model, purpose=dp.purpose)
     assert BranchAccountant.load(path, key=key).total_steps > 0
     with pytest.raises(AccountantStateError, match="pass the branch key"):
@@ -177,4 +214,5 @@ def test_keyed_accountant_needs_the_branch_key(
 def test_budgets_are_kept_per_model_and_purpose(tmp_path: Path) -> None:
     a = dp_round.accountant_path(tmp_path, model="churn", purpose="churn-model-training")
     b = dp_round.accountant_path(tmp_path, model="churn", purpose="retention/../offers")
-    assert a != b and b.parent == tmp_path
+    c = dp_round.accountant_path(tmp_path, model="recommender", purpose="recommendation-training")
+    assert len({a, b, c}) == 3 and b.parent == tmp_path

@@ -1,28 +1,18 @@
 """The branch-side HE mod: decrypt in, encrypt out, error replies instead of exceptions."""
 
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedcrm.client.he_mod import NODE_HE_KEY_DIR, HEMod
+from fedcrm import wire as k
+from fedcrm.client.he_mod import HEMod
 from fedcrm.privacy import he, keys
-from fedcrm.strategies import he as hs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity() -> Iterator[None]:
-    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
-    for name in saved:
-        setattr(TaskIdentity, name, 1)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def _model(value: float = 0.0) -> ArrayRecord:
 
 
 def _request(kind: str, fields: dict[str, object], arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"config": ConfigRecord({"lr": 0.1}), hs.HE_RECORD: ConfigRecord(fields)})  # type: ignore[arg-type]
+    content = RecordDict({"config": ConfigRecord({"lr": 0.1}), k.HE_RECORD: ConfigRecord(fields)})  # type: ignore[arg-type]
     if arrays is not None:
         content["arrays"] = arrays
     return Message(content=content, dst_node_id=7, message_type=kind)
@@ -68,15 +58,15 @@ def _ctx(node_config: dict[str, object] | None = None) -> Context:
 
 def test_round_zero_train_encrypts_the_weighted_delta(key_dir: Path, key_id: str) -> None:
     mod = HEMod(key_dir)
-    msg = _request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model(1.0))
+    msg = _request("train", {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}, _model(1.0))
     reply = mod(msg, _ctx(), _train_handler(0.25, count=4.0))
     assert not reply.has_error()
     assert not reply.content.array_records
-    wire = reply.content.config_records[hs.HE_RECORD][hs.HE_UPDATE]
+    wire = reply.content.config_records[k.HE_RECORD][k.HE_UPDATE]
     assert isinstance(wire, bytes)
     secret = keys.load_secret_context(keys.current_generation(key_dir).secret_path)
     values = he.decrypt(secret, he.EncryptedUpdate.from_bytes(wire))
-    np.testing.assert_allclose(values, np.full(6, 4.0 * 0.25 / hs.WEIGHT_UNIT), atol=1e-6)
+    np.testing.assert_allclose(values, np.full(6, 4.0 * 0.25 / k.WEIGHT_UNIT), atol=1e-6)
 
 
 def test_message_without_he_record_passes_unchanged(key_dir: Path) -> None:
@@ -88,8 +78,8 @@ def test_message_without_he_record_passes_unchanged(key_dir: Path) -> None:
 
 def test_key_dir_from_node_config(key_dir: Path, key_id: str) -> None:
     mod = HEMod()
-    msg = _request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model())
-    reply = mod(msg, _ctx({NODE_HE_KEY_DIR: str(key_dir)}), _train_handler(0.1))
+    msg = _request("train", {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}, _model())
+    reply = mod(msg, _ctx({k.NODE_HE_KEY_DIR: str(key_dir)}), _train_handler(0.1))
     assert not reply.has_error()
 
 
@@ -100,17 +90,17 @@ def _assert_refused(reply: Message, match: str) -> None:
 
 
 def test_no_key_directory_is_an_error_reply(key_id: str) -> None:
-    msg = _request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model())
+    msg = _request("train", {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}, _model())
     _assert_refused(HEMod()(msg, _ctx(), _train_handler(0.1)), "no HE key directory")
 
 
 def test_unknown_key_id_is_an_error_reply(key_dir: Path) -> None:
-    msg = _request("train", {hs.HE_KEY_ID: "ab" * 32, hs.HE_ROUND: 0}, _model())
+    msg = _request("train", {k.HE_KEY_ID: "ab" * 32, k.HE_ROUND: 0}, _model())
     _assert_refused(HEMod(key_dir)(msg, _ctx(), _train_handler(0.1)), "current key")
 
 
 def test_missed_round_is_an_error_reply(key_dir: Path, key_id: str) -> None:
-    fields = {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 3, hs.HE_AGGREGATE: b"x", hs.HE_COUNT: 5}
+    fields = {k.HE_KEY_ID: key_id, k.HE_ROUND: 3, k.HE_AGGREGATE: b"x", k.HE_COUNT: 5}
     _assert_refused(
         HEMod(key_dir)(_request("evaluate", fields), _ctx(), _train_handler(0.1)),
         "missed a round",
@@ -118,19 +108,19 @@ def test_missed_round_is_an_error_reply(key_dir: Path, key_id: str) -> None:
 
 
 def test_out_of_range_update_is_an_error_reply(key_dir: Path, key_id: str) -> None:
-    msg = _request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model())
+    msg = _request("train", {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}, _model())
     reply = HEMod(key_dir)(msg, _ctx(), _train_handler(5.0, count=100_000.0))
     _assert_refused(reply, "beyond the declared range")
 
 
 def test_corrupted_aggregate_is_an_error_reply(key_dir: Path, key_id: str) -> None:
     mod, ctx = HEMod(key_dir), _ctx()
-    mod(_request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model()), ctx, _train_handler(0))
+    mod(_request("train", {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}, _model()), ctx, _train_handler(0))
     fields = {
-        hs.HE_KEY_ID: key_id,
-        hs.HE_ROUND: 1,
-        hs.HE_AGGREGATE: b"FCHE\x01junk",
-        hs.HE_COUNT: 5,
+        k.HE_KEY_ID: key_id,
+        k.HE_ROUND: 1,
+        k.HE_AGGREGATE: b"FCHE\x01junk",
+        k.HE_COUNT: 5,
     }
     _assert_refused(mod(_request("evaluate", fields), ctx, _train_handler(0)), "truncated")
 
@@ -138,7 +128,7 @@ def test_corrupted_aggregate_is_an_error_reply(key_dir: Path, key_id: str) -> No
 def test_mod_pickles_without_its_key(key_dir: Path, key_id: str) -> None:
     mod = HEMod(key_dir)
     mod(
-        _request("train", {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}, _model()),
+        _request("train", {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}, _model()),
         _ctx(),
         _train_handler(0),
     )
@@ -170,9 +160,9 @@ def test_other_reply_records_pass_and_a_reply_without_model_is_untouched(
         content = RecordDict({"privacy": ConfigRecord({"admitted": False})})
         return Message(content, reply_to=msg)
 
-    fields = {hs.HE_KEY_ID: key_id, hs.HE_ROUND: 0}
+    fields = {k.HE_KEY_ID: key_id, k.HE_ROUND: 0}
     reply = HEMod(key_dir)(_request("train", fields, _model()), _ctx(), with_report)
-    assert set(reply.content.config_records) == {"privacy", hs.HE_RECORD}
+    assert set(reply.content.config_records) == {"privacy", k.HE_RECORD}
     assert not reply.content.array_records
     reply = HEMod(key_dir)(_request("train", fields, _model()), _ctx(), refused)
     assert not reply.has_error() and set(reply.content.config_records) == {"privacy"}

@@ -1,14 +1,16 @@
 """Customer-level DP-SGD pieces: one row per customer, padding ignored, only items trained."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import RecordDict
 
-from fedcrm.client.rec_dp_round import RecDPRound, private_rec_round
+from fedcrm import wire as k
+from fedcrm.client.dp_round import BranchPrivacy, private_round
 from fedcrm.data.interactions import NO_ITEM, Interactions, synthetic_interactions
+from fedcrm.data.movielens import leave_one_out, sample_negatives
 from fedcrm.models.rec_private import (
     PADDING,
     ItemScorer,
@@ -19,14 +21,15 @@ from fedcrm.models.rec_private import (
 )
 from fedcrm.models.recommender import MatrixFactorisation
 from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.tasks import RoundContext
+from fedcrm.tasks.recommendation.data import RecBranch
+from fedcrm.tasks.recommendation.settings import RecSettings
+from fedcrm.tasks.recommendation.task import RecommendationTask
 
-pytestmark = pytest.mark.filterwarnings("ignore::fedcrm.privacy.dp_sgd.InsecureRNGWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    torch.set_num_threads(1)
-    yield
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::fedcrm.privacy.dp_sgd.InsecureRNGWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def test_user_rows_keep_each_customers_latest_events_with_their_negatives() -> None:
@@ -107,40 +110,62 @@ def test_user_factor_fit_leaves_the_item_tower_alone() -> None:
     assert not torch.equal(model.users.embedding.weight, users_before)
 
 
-def test_round_past_the_budget_is_refused_and_trains_nothing(tmp_path: Path) -> None:
-    log = synthetic_interactions(30, 140, seed=3)
-    model = MatrixFactorisation(30, 140, 8, seed=0)
+def _rec_branch(users: int = 30, items: int = 140) -> RecBranch:
+    split = leave_one_out(synthetic_interactions(users, items, seed=3))
+    customers = tuple(f"p{u}" for u in range(users))
+    return RecBranch(customers, split, sample_negatives(split, seed=0))
+
+
+def test_customer_round_past_the_budget_is_refused_and_trains_nothing(tmp_path: Path) -> None:
+    """The task's customer-level round through the core's DP round (`private_round`)."""
+    task = RecommendationTask()
+    data = _rec_branch()
     dp = FederatedDPConfig(
         target_epsilon=2.0, delta=1e-5, grad_sample_mode="hooks", model="rec", purpose="p"
     )
-    settings = RecDPRound(
-        epochs=1,
+    settings = RecSettings(
+        local_epochs=1,
         lr=0.01,
+        factors=8,
         negatives_per_positive=2,
         weight_decay=0.0,
         batch_size=64,
-        loss="bce",
-        recency_halflife=0.0,
         users_per_step=100,  # above the 30 customers: full batches
-        cap=10,
-        rounds=1,
-        seed=0,
-        noise_seed=0,
+        max_interactions_per_user=10,
+        num_items=140,
     )
-    first = private_rec_round(
-        model, log, settings, dp=dp, privacy_dir=tmp_path, branch_name="north"
+    rows = task.private_rows(data, settings)
+    assert (rows.rows, rows.batch_size, rows.unit) == (30, 30, "customer")
+    arrays = task.initial_arrays(settings, seed=0)
+    ctx = RoundContext(
+        server_round=1, seed=0, run_seed=0, config={}, state=RecordDict(), folder=tmp_path
     )
-    assert first.trained and first.report.privacy_unit == "customer"
+    where = BranchPrivacy(privacy_dir=tmp_path / "privacy", branch_name="north")
+    first = private_round(task, data, arrays, settings, ctx, dp=dp, rounds=1, where=where)
+    assert first.update is not None and first.report.decision == "admitted"
+    assert first.report.privacy_unit == "customer"
     assert first.report.sample_rate == 1.0
     assert 0 < first.report.epsilon <= 2.0
-    state = {name: t.clone() for name, t in model.state_dict().items()}
-    second = private_rec_round(
-        model, log, settings, dp=dp, privacy_dir=tmp_path, branch_name="north"
+    assert first.update.num_examples == 30  # one DP-SGD row per customer
+    assert first.update.event is not None and first.update.event.steps == first.report.steps
+    # Only the item tower travels: the user factors stay in the node's state.
+    assert set(first.update.arrays) == set(arrays)
+    assert any(not np.array_equal(first.update.arrays[n], arrays[n]) for n in arrays)
+    users = {
+        n: a.numpy().copy() for n, a in ctx.state.array_records[k.STATE_REC_USER_FACTORS].items()
+    }
+    saved = (tmp_path / k.REC_USER_FACTORS_FILE).read_bytes()
+
+    second = private_round(
+        task, data, first.update.arrays, settings, ctx, dp=dp, rounds=1, where=where
     )
-    assert not second.trained and second.report.decision == "refused"
+    assert second.update is None and second.report.decision == "refused"
     assert second.report.epsilon == first.report.epsilon  # nothing spent
-    for name, tensor in model.state_dict().items():
-        torch.testing.assert_close(tensor, state[name])
+    assert second.report.steps == 0
+    after = ctx.state.array_records[k.STATE_REC_USER_FACTORS]
+    for name, values in users.items():
+        np.testing.assert_array_equal(after[name].numpy(), values)  # nothing trained
+    assert (tmp_path / k.REC_USER_FACTORS_FILE).read_bytes() == saved
 
 
 def test_history_rows_carry_each_events_earlier_items() -> None:

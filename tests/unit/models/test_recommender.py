@@ -22,14 +22,7 @@ from fedcrm.models.recommender import (
 N_ITEMS, FACTORS = 50, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread
-    # barriers dominate; one thread keeps these tests fast and their timing stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def serialised_size(arrays: dict[str, np.ndarray]) -> int:

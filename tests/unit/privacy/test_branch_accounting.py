@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy.accounting import AccountingEvent, compute_epsilon, recompute_check
 from fedcrm.privacy.branch_accounting import (
@@ -224,15 +224,10 @@ def test_run_config_builds_the_same_settings_as_the_table() -> None:
         ({"central-dp-clipped-count-stddev": -3.0}, "clipped-count-stddev must be"),
         ({"central-dp-accountant": "gdp"}, "accountant must be one of"),
         ({"central-dp-max-epsilon": -1.0}, "max-epsilon must be"),
-        ({"central-dp-model": ""}, "model must be a non-empty string"),
+        ({"central-dp-model": " "}, "model must be a non-empty string"),  # "": the task's
         ({"central-dp-purpose": 7}, "purpose must be a non-empty string"),
         ({"central-dp-epsilon": 3.0}, "unknown run-config key"),
-        ({"aggregation-mode": "he"}, "central DP on HE ciphertexts"),
-        ({"aggregation-mode": "secagg"}, "central DP on SecAgg"),
-        ({"aggregation-mode": "mpc"}, "aggregation-mode must be one of"),
-        ({"strategy": "fedadam"}, "central DP with fedadam"),
         ({"central-dp-min-honest-branches": 3}, "applies to mode 'distributed' only"),
-        ({"central-dp-mode": "distributed"}, "distributed DP without HE"),
     ],
     ids=lambda v: str(v)[:48] if isinstance(v, str) else None,
 )
@@ -244,9 +239,34 @@ def test_bad_run_config_is_a_clear_config_error(extra: dict[str, object], match:
 def test_run_config_error_names_the_prefixed_keys() -> None:
     with pytest.raises(ConfigError, match=r"central-dp-<key>"):
         CentralDPConfig.from_run_config({**GOOD_RUN, "central-dp-delta": 2.0})
-    server = {"central-dp-mode": "server-fixed", "central-dp-target-epsilon": 8.0}
-    with pytest.raises(ConfigError, match="server-side fixed clipping on HE"):
-        CentralDPConfig.from_run_config({**server, "aggregation-mode": "he"})
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"aggregation-mode": "he"},
+        {"aggregation-mode": "secagg"},
+        {"aggregation-mode": "mpc"},
+        {"strategy": "fedadam"},
+    ],
+    ids=["he", "secagg", "unknown-mode", "fedadam"],
+)
+def test_run_config_reads_central_dp_keys_only(other: dict[str, object]) -> None:
+    """The combination with the run's aggregation and strategy is the wiring's to check.
+
+    See ``tests/unit/server/test_wiring.py`` (`fedcrm.server.wiring.check_plan`).
+    """
+    assert CentralDPConfig.from_run_config(
+        {**GOOD_RUN, **other}
+    ) == CentralDPConfig.from_run_config(GOOD_RUN)
+
+
+def test_run_config_takes_the_tasks_model_and_purpose() -> None:
+    cfg = CentralDPConfig.from_run_config(GOOD_RUN, model="recommender", purpose="recs")
+    assert cfg is not None and (cfg.model, cfg.purpose) == ("recommender", "recs")
+    named = {**GOOD_RUN, "central-dp-model": "churn-v2", "central-dp-purpose": ""}
+    cfg = CentralDPConfig.from_run_config(named, model="recommender", purpose="recs")
+    assert cfg is not None and (cfg.model, cfg.purpose) == ("churn-v2", "recs")
 
 
 @pytest.mark.parametrize(

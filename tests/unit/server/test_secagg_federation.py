@@ -1,4 +1,4 @@
-"""SecAgg+ in the federated loop (in-process grid, the real ClientApp and Flower's protocol).
+"""SecAgg+ in the round loop, for every task (in-process grid, Flower's own protocol).
 
 Dropout test: five branches; one dies in the collect-masked-vectors stage (after it took part
 in setup and key sharing, so its pairwise masks sit in the survivors' vectors). The round
@@ -6,57 +6,42 @@ must still complete, and the unmasked aggregate must equal the four survivors' w
 within the quantization bound, not the five branches' mean.
 """
 
-import itertools
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from fedcrm import constants as k
-from fedcrm.client.app import branch_dir, make_client_app
-from fedcrm.client.branch import write_export
-from fedcrm.client.secagg_client import secagg_mod
-from fedcrm.data.check import coerce_frame
-from fedcrm.data.schema import MLC
-from fedcrm.data.synthetic import synthetic_export
-from fedcrm.server.config import FederationConfig
-from fedcrm.server.federation import RoundRecord, run_federation
-from fedcrm.strategies.factory import StrategyName
+from conftest import TASK_IDS, Federation, build_federation, small_experiment
+from fedcrm import wire as k
+from fedcrm.client import make_client_app, secagg_mod
+from fedcrm.exceptions import FedCrmError
+from fedcrm.server import FederationConfig, RoundRecord, run_federation
+from fedcrm.simulation import InProcessGrid, partition_nodes
+from fedcrm.strategies import StrategyName
 from fedcrm.strategies.secagg import SecAggConfig, SecAggPlusAggregation, quantization_error_bound
+from fedcrm.tasks import get_task
 
-CFG = FederationConfig(
-    schema="mlc", num_rounds=1, lr=0.1, batch_size=32, hidden_layers="8", round_timeout=5
-)
-SECAGG = SecAggConfig(num_shares=5, reconstruction_threshold=3, max_weight=500.0)
-SIZES = [300, 240, 200, 260, 220]
-DEAD = 103  # node id of the branch that dies mid-round
+MAX_WEIGHT = {"churn": 500.0, "recommendation": 5000.0}
+"""Above every branch's training count (rows, or interactions), so that none is refused."""
+DEAD = 3  # node id of the branch that dies mid-round
+parametrize_tasks = pytest.mark.parametrize("task_name", TASK_IDS)
 
 
 def _wire_copy(content: RecordDict) -> RecordDict:
     return recorddict_from_proto(recorddict_to_proto(content))
 
 
-class _Grid:
-    """In-process grid: a ClientApp exception becomes an error reply, as on a SuperNode."""
+class _Grid(InProcessGrid):
+    """A ClientApp exception becomes an error reply, as on a SuperNode; wire copies per stage."""
 
-    run = SimpleNamespace(run_id=1)
-
-    def __init__(self, app: object, nodes: dict[int, int]) -> None:
-        self.app = app
-        self.contexts = {
-            node: Context(1, node, {k.NODE_PARTITION_ID: pid}, RecordDict(), {})
-            for node, pid in nodes.items()
-        }
-        self._ids = itertools.count(1)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+    run = SimpleNamespace(run_id=1)  # type: ignore[assignment]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -66,10 +51,32 @@ class _Grid:
             msg.metadata.__dict__["_message_id"] = f"msg-{next(self._ids)}"
             msg.content = _wire_copy(msg.content)  # the protocol shares one record per stage
             try:
-                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))  # type: ignore[operator]
+                replies.append(self.client_app(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:
                 replies.append(Message(Error(code=1, reason=f"{exc}"), reply_to=msg))
         return replies
+
+
+@pytest.fixture
+def five(task_name: str, tmp_path: Path, task_identity: None, one_thread: None) -> Federation:
+    """Five branches of ``task_name``, one round."""
+    if task_name == "churn":
+        partition = {"kind": "dirichlet", "num-branches": 5, "alpha": 1.0, "min-branch-size": 100}
+        tables: dict[str, Any] = {"partition": partition, "rows": 1200}  # unequal sizes
+    else:
+        tables = {"synthetic": {"branches": 5, "users": 150, "items": 150}}
+    raw = small_experiment(task_name, federation={"num-rounds": 1}, **tables)
+    return build_federation(tmp_path, raw)
+
+
+def _secagg(fed: Federation, **changes: float) -> SecAggConfig:
+    values = {"max_weight": MAX_WEIGHT[fed.federation.task], **changes}
+    return SecAggConfig(num_shares=5, reconstruction_threshold=3, **values)  # type: ignore[arg-type]
+
+
+def _grid(fed: Federation, mods: list[Mod]) -> _Grid:
+    app = make_client_app(fed.branches, simulation=fed.simulated.handle, mods=mods)
+    return _Grid(app, partition_nodes(5))
 
 
 class _DieInTraining:
@@ -96,16 +103,6 @@ class _Recorder:
         return reply
 
 
-@pytest.fixture
-def branches(tmp_path: Path) -> Path:
-    root = tmp_path / "branches"
-    for pid, rows in enumerate(SIZES):
-        frame = coerce_frame(synthetic_export(MLC, rows, seed=pid), MLC)
-        frame[MLC.id_column] = [f"p_{pid}_{i}" for i in range(len(frame))]
-        write_export(frame, MLC, branch_dir(root, pid) / "export.parquet")
-    return root
-
-
 def _mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
     total = sum(c for _, c in updates)
     names = updates[0][0]
@@ -114,35 +111,40 @@ def _mean(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndar
     }
 
 
-def test_round_completes_with_the_survivors_sum_when_a_branch_dies(
-    branches: Path, task_identity: None
-) -> None:
+@parametrize_tasks
+def test_round_completes_with_the_survivors_sum_when_a_branch_dies(five: Federation) -> None:
     recorder = _Recorder()
-    app = make_client_app(branches, mods=[secagg_mod, _DieInTraining(), recorder])
-    grid = _Grid(app, {101 + pid: pid for pid in range(len(SIZES))})
+    grid = _grid(five, [secagg_mod, _DieInTraining(), recorder])
     wrappers: list[SecAggPlusAggregation] = []
 
     def wrap(inner: object) -> SecAggPlusAggregation:
-        wrappers.append(SecAggPlusAggregation(inner, SECAGG, timeout=5))  # type: ignore[arg-type]
+        wrappers.append(SecAggPlusAggregation(inner, _secagg(five), timeout=5))  # type: ignore[arg-type]
         return wrappers[-1]
 
     rounds: list[RoundRecord] = []
-    result = run_federation(grid, CFG, min_nodes=5, wrap_strategy=wrap, on_round=rounds.append)  # type: ignore[arg-type]
+    result = run_federation(
+        grid,
+        five.federation,
+        five.settings,
+        min_nodes=5,
+        wrap_strategy=wrap,
+        on_round=rounds.append,
+    )
 
     record = wrappers[0].rounds[0]
-    assert record.completed and record.sampled == [101, 102, 103, 104, 105]
-    assert record.survivors == [101, 102, 104, 105]
+    assert record.completed and record.sampled == [1, 2, 3, 4, 5]
+    assert record.survivors == [1, 2, 4, 5]
     assert "collect_masked_vectors" in record.failures[DEAD]
     assert "branch process killed" in record.failures[DEAD]
     assert [r.node_id for r in result.rejections] == [DEAD]
     assert rounds[0].rejected and "SecAgg+" in rounds[0].rejected[0]
     assert np.isfinite(rounds[0].train[k.KEY_TRAIN_LOSS])
 
-    assert sorted(recorder.updates) == [101, 102, 104, 105]
+    assert sorted(recorder.updates) == [1, 2, 4, 5]
     survivors = _mean(list(recorder.updates.values()))
-    bound = quantization_error_bound(SECAGG, [c for _, c in recorder.updates.values()])
+    bound = quantization_error_bound(_secagg(five), [c for _, c in recorder.updates.values()])
     assert bound < 1e-4
-    got = {n: t.numpy().astype(np.float64) for n, t in result.state_dict.items()}
+    got = {n: a.astype(np.float64) for n, a in result.arrays.items()}
     assert result.best_round == 1
     worst = max(float(np.max(np.abs(got[n] - survivors[n]))) for n in survivors)
     assert worst <= bound + 1e-6  # + float32 rounding of the unmasked mean (measured: 7.7e-6)
@@ -151,22 +153,18 @@ def test_round_completes_with_the_survivors_sum_when_a_branch_dies(
     assert max(float(np.max(np.abs(unweighted[n] - survivors[n]))) for n in survivors) > 10 * bound
 
 
-def test_a_branch_whose_update_would_be_clipped_drops_out(
-    branches: Path, task_identity: None
-) -> None:
-    tight = SecAggConfig(num_shares=5, reconstruction_threshold=3, clipping_range=1e-3)
-    app = make_client_app(branches, mods=[secagg_mod])
-    grid = _Grid(app, {101 + pid: pid for pid in range(len(SIZES))})
+@parametrize_tasks
+def test_a_branch_whose_update_would_be_clipped_drops_out(five: Federation) -> None:
+    tight = _secagg(five, clipping_range=1e-3)
+    grid = _grid(five, [secagg_mod])
     wrapper: list[SecAggPlusAggregation] = []
 
     def wrap(inner: object) -> SecAggPlusAggregation:
         wrapper.append(SecAggPlusAggregation(inner, tight, timeout=5))  # type: ignore[arg-type]
         return wrapper[-1]
 
-    from fedcrm.exceptions import FedCrmError
-
     with pytest.raises(FedCrmError, match="no usable branch update"):
-        run_federation(grid, CFG, min_nodes=5, wrap_strategy=wrap)  # type: ignore[arg-type]
+        run_federation(grid, five.federation, five.settings, min_nodes=5, wrap_strategy=wrap)
     record = wrapper[0].rounds[0]
     assert not record.completed
     assert all("exceeds secagg-clipping-range" in r for r in record.failures.values())
@@ -186,22 +184,25 @@ def test_plain_train_messages_pass_the_secagg_mod_untouched(task_identity: None)
     assert calls == ["train"]
 
 
+@parametrize_tasks
 @pytest.mark.parametrize("strategy", [StrategyName.FEDPROX, StrategyName.FEDADAM])
 def test_server_strategies_run_on_the_unmasked_mean(
-    branches: Path, task_identity: None, strategy: StrategyName
+    five: Federation, task_name: str, strategy: StrategyName
 ) -> None:
-    app = make_client_app(branches, mods=[secagg_mod])
-    grid = _Grid(app, {101 + pid: pid for pid in range(len(SIZES))})
-    cfg = FederationConfig(
-        schema="mlc", num_rounds=1, lr=0.1, hidden_layers="8", strategy=strategy, round_timeout=5
-    )
+    task = get_task(task_name)
+    if str(strategy) not in task.strategies:
+        pytest.skip(f"the {task_name} task has no branch side for {strategy}")
+    grid = _grid(five, [secagg_mod])
+    cfg = FederationConfig(**{**five.federation.__dict__, "strategy": strategy})
     rounds: list[RoundRecord] = []
     result = run_federation(
-        grid,  # type: ignore[arg-type]
+        grid,
         cfg,
+        five.settings,
         min_nodes=5,
-        wrap_strategy=lambda inner: SecAggPlusAggregation(inner, SECAGG, timeout=5),
+        wrap_strategy=lambda inner: SecAggPlusAggregation(inner, _secagg(five), timeout=5),
         on_round=rounds.append,
     )
     assert rounds[0].train["secagg-summed"] == 5 and result.rejections == []
-    assert np.isfinite(rounds[0].evaluate["roc-auc"])
+    _, headline = task.headline(five.settings)
+    assert np.isfinite(rounds[0].evaluate[headline])

@@ -1,23 +1,24 @@
 """Consent for simulated branches: the pooled evaluation rows go through the branches' gate."""
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pandas as pd
-
 from fedcrm.compliance import ConsentRegistry, Notice, Purpose, open_store, sqlite_url
-from fedcrm.data.split import Split
-from fedcrm.simulation.consent_setup import ConsentSetup, gate_pooled_splits
+from fedcrm.simulation.consent_setup import ConsentSetup, gate_branches, setup_branch_consent
+from fedcrm.tasks import SimulatedBranch
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 NOTICE = Notice.from_text("n", "v1", "text")
 
 
-def _split(prefix: str) -> Split:
-    def frame(*ids: str) -> pd.DataFrame:
-        return pd.DataFrame({"customer_id": [f"{prefix}_{i}" for i in ids], "x": range(len(ids))})
+def _subjects(prefix: str) -> dict[str, list[str]]:
+    """A branch's customers per part, as its task lists them (`TaskExperiment.subjects`)."""
 
-    return Split(train=frame("ok", "gone", "never"), val=frame("ok2"), test=frame("ok3", "no"))
+    def part(*ids: str) -> list[str]:
+        return [f"{prefix}_{i}" for i in ids]
+
+    return {"train": part("ok", "gone", "never"), "val": part("ok2"), "test": part("ok3", "no")}
 
 
 def test_pooled_rows_are_gated_like_the_branches(tmp_path: Path) -> None:
@@ -45,17 +46,21 @@ def test_pooled_rows_are_gated_like_the_branches(tmp_path: Path) -> None:
     # Branch 1 holds data collected for recommendations only: it refuses, and none of its
     # rows is evaluated on, however valid their consent.
     setup = ConsentSetup(uncovered_branches=(1,))
-    branches = [(0, "b0", tmp_path / "000"), (1, "b1", tmp_path / "001")]
-    gated, report = gate_pooled_splits(
-        setup,
-        branches,
-        [_split("a"), _split("c")],
-        url=url,
-        id_column="customer_id",
-        at=NOW + timedelta(days=1),
+    branches = [
+        SimulatedBranch(0, "b0", tmp_path / "000", {}),
+        SimulatedBranch(1, "b1", tmp_path / "001", {}),
+    ]
+    subjects = [_subjects("a"), _subjects("c")]
+    kept, report = gate_branches(
+        setup, list(zip(branches, subjects, strict=True)), url=url, at=NOW + timedelta(days=1)
     )
-    assert [list(s.test["customer_id"]) for s in gated] == [["a_ok3"], []]
-    assert list(gated[0].train["customer_id"]) == ["a_ok"]
+    assert kept == {0: {"a_ok", "a_ok2", "a_ok3"}, 1: set()}
+    assert [[c for c in s["test"] if c in kept[i]] for i, s in enumerate(subjects)] == [
+        ["a_ok3"],
+        [],
+    ]
+    assert [c for c in subjects[0]["train"] if c in kept[0]] == ["a_ok"]
+    assert report["purpose"] == Purpose.CHURN_MODEL_TRAINING.value
     assert report["rows_before"] == {"train": 6, "val": 2, "test": 4}
     assert report["rows_excluded"] == {"train": 5, "val": 1, "test": 3}
     assert report["excluded_by_reason"]["test"] == {"purpose-not-collected": 2, "refused": 1}
@@ -65,3 +70,42 @@ def test_pooled_rows_are_gated_like_the_branches(tmp_path: Path) -> None:
         "withdrawn": 1,
     }
     assert report["refused_branches"] == {"b1": "purpose-not-collected"}
+
+
+def test_branch_consent_is_made_up_imported_and_declared(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "compliance.db")
+    setup = ConsentSetup(
+        withdrawn_share=0.1, refused_share=0.1, no_consent_share=0.1, uncovered_branches=(1,)
+    )
+    branches = []
+    for pid in (0, 1):
+        folder = tmp_path / f"{pid:03d}"
+        folder.mkdir()
+        (folder / "branch.json").write_text(json.dumps({"partition_id": pid}), encoding="utf-8")
+        branches.append(SimulatedBranch(pid, f"b{pid}", folder, {}))
+    customers = [f"p{i}" for i in range(20)]
+    made_up = setup_branch_consent(
+        setup, [(b, customers) for b in branches], url=url, seed=0, now=NOW
+    )
+    assert made_up == {
+        name: {"given": 14, "withdrawn": 2, "refused": 2, "no-consent": 2} for name in ("b0", "b1")
+    }
+    for branch in branches:
+        assert (branch.folder / "consent.csv").exists()
+        info = json.loads((branch.folder / "branch.json").read_text(encoding="utf-8"))
+        assert info["purposes"] == setup.collected_for(branch.partition_id)
+    assert setup.collected_for(1) == [Purpose.RECOMMENDATION_TRAINING.value]
+    # The imported registry is what the gate reads: 14 customers valid on the covered branch.
+    kept, report = gate_branches(
+        setup,
+        [(b, {"train": customers}) for b in branches],
+        url=url,
+        at=NOW + timedelta(seconds=1),
+    )
+    assert len(kept[0]) == 14 and kept[1] == set()
+    assert report["excluded_by_reason"]["train"] == {
+        "no-consent": 2,
+        "purpose-not-collected": 20,
+        "refused": 2,
+        "withdrawn": 2,
+    }

@@ -1,11 +1,13 @@
-"""Shared helpers for strategy tests: reply messages and a grid of fixed node ids."""
+"""Shared helpers for strategy tests: reply messages and a grid of fixed node ids.
+
+Flower's task identity is the root ``task_identity`` fixture (``tests/conftest.py``).
+"""
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 ReplyFactory = Callable[[ArrayRecord, float, int], Message]
 
@@ -24,14 +26,6 @@ class FixedGrid:
 def grid_of() -> Callable[[list[int]], FixedGrid]:
     """Build a grid with the given node ids."""
     return FixedGrid
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Flower stamps outgoing messages with the identity of the running task."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-    yield
 
 
 @pytest.fixture

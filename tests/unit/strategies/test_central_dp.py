@@ -1,14 +1,12 @@
 """Central DP through Flower's wrappers, in process: clipping, equal weights, ledger, budget."""
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,14 +28,7 @@ from fedcrm.strategies.validated import ValidatedStrategy
 SHAPES = {"w": (4, 3), "b": (3,)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity() -> Iterator[None]:
-    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
-    for name in saved:
-        setattr(TaskIdentity, name, 1)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class _Grid:

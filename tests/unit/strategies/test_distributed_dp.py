@@ -1,24 +1,23 @@
 """Distributed branch-level DP under HE: branch clipping and noise, K_min, ledger, guardrails."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedcrm import wire
 from fedcrm.client.he_mod import HEMod
 from fedcrm.compliance import Decision, PrivacyLedger, PrivacyUnit, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError
 from fedcrm.privacy import he, keys
 from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
 from fedcrm.privacy.distributed_dp import DistributedNoise, clip_to_norm
-from fedcrm.simulation.config import parse_experiment
+from fedcrm.simulation import parse_experiment, run_experiment
 from fedcrm.strategies import he as hs
 from fedcrm.strategies.distributed_dp import DistributedDPStrategy
 from fedcrm.strategies.guardrails import AggregationMode, CombinationRefused, check_combination
@@ -27,14 +26,7 @@ from fedcrm.strategies.validated import ValidatedStrategy
 SHAPES = {"w": (3, 4), "b": (4,)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity() -> Iterator[None]:
-    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
-    for name in saved:
-        setattr(TaskIdentity, name, 1)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +77,12 @@ def test_decrypted_sum_carries_noise_std_z_c(
     sent = [
         he.encrypt_update(
             secret,
-            hs.pre_weight(noise.privatize(d, rng=np.random.default_rng(1000 + i)), 1),
+            wire.pre_weight(noise.privatize(d, rng=np.random.default_rng(1000 + i)), 1),
             key_id=secret.key_id,
         )
         for i, d in enumerate(deltas)
     ]
-    total = he.decrypt(secret, he.sum_encrypted(public, sent)) * hs.WEIGHT_UNIT
+    total = he.decrypt(secret, he.sum_encrypted(public, sent)) * wire.WEIGHT_UNIT
     residual = total - sum(clip_to_norm(d, c) for d in deltas)
     expected = z * c * np.sqrt(branches / min_honest)
     assert abs(float(np.mean(residual))) < 4 * expected / np.sqrt(dim)
@@ -178,7 +170,7 @@ def test_rounds_are_equal_weighted_noised_and_one_ledger_row_each(
         }
         out = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
         assert all(
-            DistributedNoise.from_fields(m.content.config_records[hs.HE_RECORD]) == ddp.noise
+            DistributedNoise.from_fields(m.content.config_records[wire.HE_RECORD]) == ddp.noise
             for m in out
         )
         replies = [branches[m.metadata.dst_node_id].handle(m) for m in out]
@@ -188,11 +180,11 @@ def test_rounds_are_equal_weighted_noised_and_one_ledger_row_each(
         msgs = strategy.configure_evaluate(rnd, new, ConfigRecord(), grid)  # type: ignore[arg-type]
         strategy.aggregate_evaluate(rnd, [branches[m.metadata.dst_node_id].handle(m) for m in msgs])
         # Expected: base + mean over branches of (clip(step) + the same seeded noise), weight 1.
-        flat = hs.flatten(base)
+        flat = wire.flatten(base)
         noise = np.random.default_rng(7).normal(0.0, ddp.noise.branch_std, flat.size)
         updates = [clip_to_norm(np.full(flat.size, b.step), 0.5) + noise for b in branches.values()]
         expected = flat + np.mean(updates, axis=0)
-        np.testing.assert_allclose(hs.flatten(branches[11].seen), expected, atol=1e-4)
+        np.testing.assert_allclose(wire.flatten(branches[11].seen), expected, atol=1e-4)
         arrays = new
     rows = ledger.entries(run_id="r")
     assert [(r.round, r.decision) for r in rows] == [(1, Decision.ADMITTED), (2, Decision.ADMITTED)]
@@ -249,9 +241,15 @@ def test_toml_distributed_mode() -> None:
         parse_experiment(_raw({"mode": "distributed", "noise-multiplier": 1.0}, "plain"))
     with pytest.raises(ConfigError, match="min-honest-branches"):
         parse_experiment(
-            _raw({"mode": "distributed", "noise-multiplier": 1.0, "min-honest-branches": 4})
-        )
-    with pytest.raises(ConfigError, match="min-honest-branches"):
-        parse_experiment(
             _raw({"mode": "server-fixed", "noise-multiplier": 1.0, "min-honest-branches": 2})
         )
+
+
+def test_k_min_above_the_branches_is_refused_before_the_federation(tmp_path: Path) -> None:
+    """The branches are known once the task has cut them; the run stops before any round."""
+    cfg = parse_experiment(
+        _raw({"mode": "distributed", "noise-multiplier": 1.0, "min-honest-branches": 4})
+    )
+    with pytest.raises(ConfigError, match="min-honest-branches"):
+        run_experiment(cfg, runs_root=tmp_path)
+    assert not list(tmp_path.rglob("metrics.jsonl"))  # no round ran

@@ -7,6 +7,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedcrm.strategies.factory import StrategyName, build_strategy
+from fedcrm.tasks.churn.metrics import aggregate_churn_evaluation
 
 
 def _reply(
@@ -31,8 +32,15 @@ def test_each_strategy_configures_and_aggregates(
     make_reply: Callable[[ArrayRecord, float, int], Message],
     grid_of: Callable[[list[int]], Any],
 ) -> None:
-    strategy = build_strategy(name, num_nodes=3, proximal_mu=0.5, server_lr=0.1)
+    strategy = build_strategy(
+        name,
+        num_nodes=3,
+        evaluate_metrics=aggregate_churn_evaluation,
+        proximal_mu=0.5,
+        server_lr=0.1,
+    )
     assert type(strategy) is cls  # unsubclassed: Flower's DP wrappers require plain FedAvg
+    assert strategy.evaluate_metrics_aggr_fn is aggregate_churn_evaluation  # the task's pooling
     start = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))})
     messages = list(
         strategy.configure_train(1, start, ConfigRecord({"lr": 0.1}), grid_of([1, 2, 3]))

@@ -1,13 +1,12 @@
 """HE aggregation end to end in-process: HEAggregation (server) + HEMod (branches), no Ray."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Krum
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,20 +15,13 @@ from fedcrm.exceptions import ConfigError
 from fedcrm.privacy import he, keys
 from fedcrm.strategies import he as he_strategy
 from fedcrm.strategies.validated import ValidatedStrategy
+from fedcrm.wire import HE_AGGREGATE, HE_COUNT, HE_RECORD, HE_UPDATE, WEIGHT_UNIT
 
 SHAPES = {"w": (3, 4), "b": (4,)}
 Deltas = dict[str, np.ndarray]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity() -> Iterator[None]:
-    # Flower stamps messages with the running task's identity; set one for in-process tests.
-    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
-    for name in saved:
-        setattr(TaskIdentity, name, 1)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +149,7 @@ def test_encrypted_round_equals_plaintext_fedavg(
     assert new is not None and inner.rejections == [] and strategy.rejections == []
     expected = _plain_fedavg(initial, list(branches.values()))
     # CKKS's absolute error is scaled by WEIGHT_UNIT / sum(counts) when the branch divides.
-    atol = 2e-6 * max(1.0, he_strategy.WEIGHT_UNIT / sum(counts))
+    atol = 2e-6 * max(1.0, WEIGHT_UNIT / sum(counts))
     for branch in branches.values():  # every branch evaluated the same, correct model
         for name in SHAPES:
             np.testing.assert_allclose(branch.seen[name], expected[name], atol=atol)
@@ -206,9 +198,9 @@ def test_server_holds_only_ciphertext(key_dir: Path, public: he.HEContext) -> No
     msgs = list(strategy.configure_train(2, new, ConfigRecord(), _Grid([10, 11])))  # type: ignore[arg-type]
     for msg in msgs:
         assert not msg.content.array_records
-        fields = msg.content.config_records[he_strategy.HE_RECORD]
-        assert fields[he_strategy.HE_AGGREGATE] == ckpt.ciphertext
-        assert fields[he_strategy.HE_COUNT] == 30
+        fields = msg.content.config_records[HE_RECORD]
+        assert fields[HE_AGGREGATE] == ckpt.ciphertext
+        assert fields[HE_COUNT] == 30
 
 
 def test_branch_replies_carry_no_plaintext(key_dir: Path, public: he.HEContext) -> None:
@@ -217,7 +209,7 @@ def test_branch_replies_carry_no_plaintext(key_dir: Path, public: he.HEContext) 
     reply = branches[10].handle(msg)
     assert not reply.has_error()
     assert not reply.content.array_records
-    assert set(reply.content.config_records) == {he_strategy.HE_RECORD}
+    assert set(reply.content.config_records) == {HE_RECORD}
 
 
 def test_server_refuses_a_secret_context(key_dir: Path) -> None:
@@ -244,12 +236,12 @@ def test_fedprox_is_accepted(public: he.HEContext) -> None:
 
 
 def _swap_update(reply: Message, wire: bytes) -> Message:
-    reply.content.config_records[he_strategy.HE_RECORD][he_strategy.HE_UPDATE] = wire
+    reply.content.config_records[HE_RECORD][HE_UPDATE] = wire
     return reply
 
 
 def _wire(reply: Message) -> bytes:
-    value = reply.content.config_records[he_strategy.HE_RECORD][he_strategy.HE_UPDATE]
+    value = reply.content.config_records[HE_RECORD][HE_UPDATE]
     assert isinstance(value, bytes)
     return value
 

@@ -4,30 +4,21 @@ In-process on the strategies' ``aggregate_train`` with synthetic replies and a l
 regression trained by NumPy gradient steps; no Ray.
 """
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum
-from flwr.supercore.task_identity import TaskIdentity
 from sklearn.metrics import roc_auc_score
 
 from fedcrm.exceptions import ConfigError
+from fedcrm.simulation import in_process_identity
 from fedcrm.strategies.guardrails import RobustAggregator
 from fedcrm.strategies.robust import RobustConfig, robust_strategy
 
 BRANCHES, FEATURES, ROUNDS = 10, 8, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _task_identity() -> Iterator[None]:
-    saved = {n: getattr(TaskIdentity, n) for n in ("_run_id", "_task_id", "_node_id")}
-    for name in saved:
-        setattr(TaskIdentity, name, 1)
-    yield
-    for name, value in saved.items():
-        setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _data(rng: np.random.Generator, rows: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +80,8 @@ ROBUST = {
 
 @pytest.fixture(scope="module")
 def clean_auc() -> float:
-    return _train(_fedavg(), None)
+    with in_process_identity():  # module-scoped: set up before the per-test identity
+        return _train(_fedavg(), None)
 
 
 @pytest.mark.parametrize("attack", ["sign-flip", "scale"])

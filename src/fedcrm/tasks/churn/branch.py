@@ -1,4 +1,4 @@
-"""A branch's side of a round: its data, local training and local evaluation.
+"""A churn branch's side of a round: its export, local training and local evaluation.
 
 Everything here runs on the branch. Only aggregates leave it: model parameters, row counts,
 per-feature moments, log-loss sums and score histograms; never a row or a customer id.
@@ -6,6 +6,7 @@ per-feature moments, log-loss sums and score histograms; never a row or a custom
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedcrm.data.check import coerce_frame, read_export
 from fedcrm.data.loaders import load_branch_export
 from fedcrm.data.preprocess import Moments, Scaler, encode, local_moments
-from fedcrm.data.pseudonymise import load_or_create_key
 from fedcrm.data.schema import ChurnSchema
 from fedcrm.data.split import Split, split_frame
 from fedcrm.models.churn import (
@@ -32,22 +32,58 @@ from fedcrm.privacy.accounting import AccountingEvent, NoisePlan
 from fedcrm.privacy.config import DPConfig
 from fedcrm.privacy.dp_sgd import make_private
 
+EXPORT_FILE: Final = "export.parquet"
+"""A simulated branch's pseudonymised export, in its folder ``branches/NNN/``."""
+
 
 @dataclass(frozen=True)
 class BranchData:
     """Where a branch's export lives and whether its ids still need pseudonymising."""
 
     export: Path
-    key_path: Path | None = None
-    """The branch's HMAC key file; ``None`` when the export's ids are already pseudonyms."""
+    key: bytes | None = None
+    """The branch's HMAC key; ``None`` when the export's ids are already pseudonyms."""
 
     def load(self, schema: ChurnSchema, *, seed: int) -> Split:
         """Read, validate, pseudonymise and split the export (same split on every call)."""
-        if self.key_path is not None:
-            frame = load_branch_export(self.export, schema, load_or_create_key(self.key_path))
+        if self.key is not None:
+            frame = load_branch_export(self.export, schema, self.key)
         else:
             frame = coerce_frame(read_export(self.export), schema)
         return split_frame(frame, label=schema.label, seed=seed)
+
+
+def _keep(frame: pd.DataFrame, id_column: str, kept: set[str]) -> pd.DataFrame:
+    # A set lookup per row: Series.isin converts the whole set for Arrow strings (slower).
+    mask = [str(customer) in kept for customer in frame[id_column].tolist()]
+    return frame[mask].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class ChurnData:
+    """A branch's split rows and the schema they follow."""
+
+    split: Split
+    schema: ChurnSchema
+
+    def customers(self) -> dict[str, list[str]]:
+        """The pseudonymous ids of each part (one row per customer)."""
+        column = self.schema.id_column
+        parts = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
+        return {name: [str(c) for c in frame[column].tolist()] for name, frame in parts.items()}
+
+    def keep(self, kept: set[str]) -> "ChurnData":
+        """The rows of the customers in ``kept`` only."""
+        column = self.schema.id_column
+        split = Split(
+            *(_keep(f, column, kept) for f in (self.split.train, self.split.val, self.split.test))
+        )
+        return ChurnData(split, self.schema)
+
+    def one_row_per_customer(self) -> bool:
+        """Whether every training row is a distinct customer (DP's unit is then the customer)."""
+        ids = self.split.train[self.schema.id_column]
+        return bool(ids.notna().all()) and bool(ids.is_unique)
 
 
 def moments(split: Split, schema: ChurnSchema) -> Moments:

@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import InconsistentReplies
 from fedcrm.models.metrics import ScoreHistogram, spread
 

@@ -1,33 +1,27 @@
-"""``fedcrm`` recommendation commands: ``simulate-rec`` and ``recommend``.
+"""``fedcrm recommend``: a branch's top-N items for one of its customers, from a finished run.
 
-A typer sub-app. Mount its commands at the top level of the main CLI (``fedcrm recommend``,
-``fedcrm simulate-rec``) with ``app.registered_commands.extend(rec_app.registered_commands)``,
-or as a group with ``app.add_typer(rec_app, name="rec")``.
+The branch scores with its own user factors (``branches/NNN/user_factors.npz``) and the run's
+released item arrays (``items.npz``), excluding every item the customer already interacted
+with; a history model also reads the customer's latest items, which the branch holds anyway.
 """
 
 import json
-import logging
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 from numpy.typing import NDArray
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedcrm import constants as k
+from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError, DataError, FedCrmError
+from fedcrm.settings import from_mapping, keys
 
-logger = logging.getLogger(__name__)
-
-rec_app = typer.Typer(
-    help="Federated recommendations: run the simulation, recommend for a branch's customer.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
 console = Console()
 err = Console(stderr=True)
 
@@ -52,21 +46,32 @@ class Recommendation:
     fallback: bool
 
 
+def branch_folder(run_dir: Path, name: str) -> Path:
+    """The folder of the branch called ``name`` in a run (``branches/NNN/branch.json``).
+
+    Raises:
+        DataError: No branch of the run has that name.
+    """
+    known = []
+    for info in sorted((run_dir / "branches").glob("*/branch.json")):
+        found = json.loads(info.read_text(encoding="utf-8")).get("name")
+        if found == name:
+            return info.parent
+        known.append(str(found))
+    raise DataError(f"unknown branch {name!r}; known branches: {', '.join(known)}")
+
+
 def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommendation:
     """Return a customer's top-``n`` items from a finished recommendation run.
 
-    The branch scores with its own user factors (``branches/<branch>/user_factors.npz``) and the
-    run's final item arrays (``items.npz``), excluding every item the customer already
-    interacted with; a history model also reads the customer's latest items on the branch. A
-    customer of the branch without history gets the branch's most popular items instead.
+    A customer of the branch without history gets the branch's most popular items instead.
 
     Raises:
-        ConfigError: ``n < 1`` or the run directory is incomplete.
+        ConfigError: ``n < 1`` or the run directory is not a finished recommendation run.
         DataError: The branch or the customer is unknown.
     """
     import torch
 
-    from fedcrm.client.rec_app import load_user_factors, user_factors_path
     from fedcrm.data.interactions import latest_items
     from fedcrm.models.rec_training import top_n
     from fedcrm.models.recommender import (
@@ -75,17 +80,19 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
         load_local_state,
         load_shared_state,
     )
-    from fedcrm.simulation.rec_config import load_rec_experiment
-    from fedcrm.simulation.rec_runner import load_rec_data
+    from fedcrm.tasks.recommendation.data import RecSpec, experiment_data
+    from fedcrm.tasks.recommendation.task import load_arrays
 
     if n < 1:
         raise ConfigError(f"-n must be >= 1, got {n}")
-    config_path = run_dir / "config.toml"
-    items_path = run_dir / k.REC_ITEMS_FILE
+    config_path, items_path = run_dir / "config.toml", run_dir / k.REC_ITEMS_FILE
     if not (config_path.is_file() and items_path.is_file()):
         raise ConfigError(f"{run_dir} is not a finished recommendation run (no {k.REC_ITEMS_FILE})")
-    cfg = load_rec_experiment(config_path)
-    data = load_rec_data(cfg)
+    raw: dict[str, Any] = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    spec = from_mapping(
+        RecSpec, {key: v for key, v in raw.items() if key in keys(RecSpec)}, where=str(config_path)
+    )
+    data, _, _ = experiment_data(spec, int(raw.get("seed", 0)))
     found = data.branch(branch)
     users = data.branch_users(found.branch_id)
     local = {data.user_ids[u]: i for i, u in enumerate(users)}
@@ -94,21 +101,18 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
     log = data.interactions.restrict_users(users)
     seen = log.item[log.user == local[customer]]
     if len(seen) == 0:
-        counts = log.counts_per_item().astype(np.float64)
-        best, scores = top_n(counts, exclude=seen, n=n)
+        best, scores = top_n(log.counts_per_item().astype(np.float64), exclude=seen, n=n)
         fallback = True
     else:
-        with np.load(items_path, allow_pickle=False) as stored:
-            item_arrays = {key: stored[key] for key in stored.files}
-        factors_path = user_factors_path(run_dir / "branches", found.name)
+        item_arrays = load_arrays(items_path)
+        factors_path = branch_folder(run_dir, found.name) / k.REC_USER_FACTORS_FILE
         if not factors_path.is_file():
             raise ConfigError(f"branch {found.name} has no user factors in {run_dir}")
-        user_arrays = load_user_factors(factors_path)
         factors = int(item_arrays["items.embedding.weight"].shape[1])
         history = context_length_of(item_arrays)
         model = MatrixFactorisation(len(users), data.n_items, factors, context=history)
         load_shared_state(model, item_arrays)
-        load_local_state(model, user_arrays)
+        load_local_state(model, load_arrays(factors_path))
         index = torch.as_tensor([local[customer]], dtype=torch.long)
         recent = torch.from_numpy(latest_items(log, history))[index] if history else None
         all_scores: NDArray[np.float64] = (
@@ -125,7 +129,6 @@ def recommend_for(run_dir: Path, branch: str, customer: str, n: int) -> Recommen
     )
 
 
-@rec_app.command("recommend")
 def recommend(
     run: Annotated[Path, typer.Option("--run", help="A finished recommendation run directory.")],
     branch: Annotated[str, typer.Option("--branch", help="Branch name, e.g. zip-9.")],
@@ -155,75 +158,31 @@ def recommend(
     console.print(table)
 
 
-def run_rec_with_progress(config: Path, runs_dir: Path) -> Path:
-    """Run a recommendation experiment with a progress bar; return its run directory.
+def results_tables(summaries: Sequence[Mapping[str, Any]]) -> list[Table]:
+    """Per run: HR@k / NDCG@k of the federated model beside the centralised baselines."""
+    from fedcrm.tasks.recommendation.experiment import model_label
 
-    Raises:
-        FedCrmError: The configuration is invalid or the run failed.
-    """
-    from fedcrm.server.rec_federation import RecRoundRecord
-    from fedcrm.simulation.rec_config import load_rec_experiment
-    from fedcrm.simulation.rec_runner import run_rec_experiment
-
-    cfg = load_rec_experiment(config)
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("HR@10 {task.fields[hr]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"{cfg.name}: starting", total=cfg.federation.num_rounds, hr="–")
-
-        def on_round(record: RecRoundRecord) -> None:
-            hr = record.test.get(f"hr{cfg.federation.top_k}-sampled", float("nan"))
-            progress.update(
-                task, advance=1, hr=f"{hr:.4f}", description=f"{cfg.name}: round {record.round}"
-            )
-
-        def on_phase(message: str) -> None:
-            progress.console.print(f"[dim]{cfg.name}: {message}[/dim]")
-
-        return run_rec_experiment(cfg, runs_dir, on_round=on_round, on_phase=on_phase)
-
-
-def rec_results_table(run_dir: Path) -> Table:
-    """HR@10 / NDCG@10 of the federated model beside the run's centralised baselines."""
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    fed = summary["federated"]
-    dp = summary.get("privacy")
-    from fedcrm.simulation.rec_runner import model_label
-
-    label = model_label(int(fed.get("history_length", 0)))
-    name = f"federated {label}" + (f" (DP, ε ≤ {dp['epsilon_max']:.2f})" if dp else "")
-    table = Table(title=f"{summary['name']}: federated vs centralised, same split (test, k=10)")
-    for col in ("method", "HR@10", "NDCG@10", "HR@10 full", "NDCG@10 full"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    rows = {name: fed, **{f"centralised {n}": m for n, m in summary["centralised"].items()}}
-    for label, m in rows.items():
-        table.add_row(
-            label,
-            *(
-                f"{m[key]:.4f}"
-                for key in ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full")
-            ),
+    tables = []
+    for summary in summaries:
+        fed = summary["federated"]
+        at = int(fed["k"])
+        dp = summary.get("privacy")
+        name = f"federated {model_label(int(fed.get('history_length', 0)))}" + (
+            f" (DP, ε ≤ {dp['epsilon_max']:.2f})" if dp else ""
         )
-    return table
-
-
-@rec_app.command("simulate-rec")
-def simulate_rec(
-    config: Annotated[Path, typer.Argument(help="Recommendation experiment TOML.")],
-    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path(
-        "runs"
-    ),
-) -> None:
-    """Run federated recommendations on Flower's simulation engine and write a run directory."""
-    try:
-        run_dir = run_rec_with_progress(config, runs_dir)
-    except FedCrmError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
-    console.print(rec_results_table(run_dir))
-    console.print(f"run directory: {run_dir}")
+        table = Table(
+            title=f"{summary['name']}: federated vs centralised, same split (test, k={at})"
+        )
+        for col in ("method", f"HR@{at}", f"NDCG@{at}", f"HR@{at} full", f"NDCG@{at} full"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        rows = {name: fed, **{f"centralised {n}": m for n, m in summary["centralised"].items()}}
+        for label, m in rows.items():
+            table.add_row(
+                label,
+                *(
+                    f"{m[key]:.4f}"
+                    for key in ("hr_sampled", "ndcg_sampled", "hr_full", "ndcg_full")
+                ),
+            )
+        tables.append(table)
+    return tables

@@ -2,13 +2,17 @@
 
 Branches report HR@k / NDCG@k as sums with a user count (`RankingMetrics`); the pooled value
 is the sum of sums over the sum of counts, which equals evaluating all users at once. The
-record keys below are what a branch puts in its evaluation reply's metric record.
+record keys below are what a branch puts in its evaluation reply's metric record; validation
+sums carry the prefix ``val-``.
 """
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from flwr.app import MetricRecord, RecordDict
+
+from fedcrm import wire as k
 from fedcrm.exceptions import InconsistentReplies
 from fedcrm.models.rec_training import DEFAULT_K, RankingMetrics
 
@@ -62,6 +66,58 @@ def pool(parts: Iterable[RankingMetrics], k: int = DEFAULT_K) -> RankingMetrics:
     for part in parts:
         total = total + part
     return total
+
+
+def pooled_keys(at: int) -> dict[str, str]:
+    """The pooled metric names at cut-off ``at`` (``hr10-sampled`` ...), by attribute."""
+    return {
+        "hr_sampled": f"hr{at}-sampled",
+        "ndcg_sampled": f"ndcg{at}-sampled",
+        "hr_full": f"hr{at}-full",
+        "ndcg_full": f"ndcg{at}-full",
+    }
+
+
+def as_pooled(metrics: RankingMetrics, prefix: str = "") -> dict[str, float]:
+    """The means of pooled metrics, named by `pooled_keys`, and the user count."""
+    out = {prefix + key: float(getattr(metrics, a)) for a, key in pooled_keys(metrics.k).items()}
+    out[prefix + "users"] = float(metrics.count)
+    return out
+
+
+def from_pooled(values: Mapping[str, float], at: int, prefix: str = "") -> RankingMetrics:
+    """The inverse of `as_pooled` (means times the user count)."""
+    count = int(values[prefix + "users"])
+    sums = {f"{a}_sum": values[prefix + key] * count for a, key in pooled_keys(at).items()}
+    return RankingMetrics(k=at, count=count, **sums)
+
+
+def aggregate_ranking(records: list[RecordDict], at: int) -> MetricRecord:
+    """Pool the branches' evaluation replies into test and ``val-`` validation metrics.
+
+    Raises:
+        InconsistentReplies: A reply's metric record is malformed.
+    """
+    tests: list[RankingMetrics] = []
+    vals: list[RankingMetrics] = []
+    for content in records:
+        record = next(iter(content.metric_records.values()))
+        plain = {key: v for key, v in record.items() if isinstance(v, int | float)}
+        tests.append(from_record(plain, at))
+        val = {
+            key.removeprefix(k.REC_VAL_PREFIX): v
+            for key, v in plain.items()
+            if key.startswith(k.REC_VAL_PREFIX)
+        }
+        vals.append(from_record(val, at))
+    test = pool(tests, at)
+    return MetricRecord(
+        {
+            **as_pooled(test),
+            **as_pooled(pool(vals, at), k.REC_VAL_PREFIX),
+            k.KEY_NUM_EXAMPLES: test.count,
+        }
+    )
 
 
 @dataclass(frozen=True)

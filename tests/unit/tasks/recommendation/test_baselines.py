@@ -2,28 +2,19 @@
 
 import numpy as np
 import pytest
-import torch
 
 from fedcrm.data.interactions import Interactions, synthetic_interactions
 from fedcrm.data.movielens import leave_one_out, sample_negatives
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.rec_training import MFSettings
-from fedcrm.simulation.rec_baselines import (
+from fedcrm.tasks.recommendation.baselines import (
     HISTORY_MF,
     centralised_baselines,
     item_knn_scorer,
     popularity_scorer,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU the thread
-    # barriers dominate; one thread keeps these tests fast and their timing stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

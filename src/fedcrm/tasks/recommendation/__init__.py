@@ -1,0 +1,1 @@
+"""The recommendation task: matrix factorisation whose user factors stay on the branch."""
