@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fedcrm.exceptions import ConfigError
+from fedcrm.seeds import Stream, generator, integer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -91,7 +92,7 @@ def partition_indices(
         label: Label column for ``dirichlet``.
         alpha: Dirichlet concentration; smaller means more label skew.
         min_branch_size: Dirichlet resamples until every branch has at least this many rows.
-        seed: Seed of every random choice.
+        seed: The run's seed; the partition draws from its own stream (`fedcrm.seeds`).
 
     Returns:
         Partitions ordered by branch name (natural, region) or branch number.
@@ -130,12 +131,12 @@ def partition_indices(
                 alpha=alpha,
                 min_partition_size=min_branch_size,
                 self_balancing=True,
-                seed=seed,
+                seed=integer(seed, Stream.PARTITION),
             )
             parts = _numbered(dirichlet, frame, label, np.arange(len(frame)))
         else:
             # IidPartitioner cuts contiguous shards: shuffle first, then map rows back.
-            order = np.random.default_rng(seed).permutation(len(frame))
+            order = generator(seed, Stream.PARTITION).permutation(len(frame))
             iid = IidPartitioner(num_partitions=num_branches)
             parts = _numbered(iid, frame.iloc[order], label, order)
 

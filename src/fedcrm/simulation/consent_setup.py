@@ -36,6 +36,7 @@ from fedcrm.compliance.consent import CSV_OPTIONAL_COLUMNS, CSV_REQUIRED_COLUMNS
 from fedcrm.compliance.lineage import LineageStore
 from fedcrm.compliance.manifest import ConsentRefusal
 from fedcrm.exceptions import ConfigError
+from fedcrm.seeds import Stream, generator
 from fedcrm.server.run_audit import RunAudit
 from fedcrm.tasks import SimulatedBranch
 
@@ -128,7 +129,7 @@ def write_consent_csv(
     seed: int,
 ) -> dict[str, int]:
     """Write a simulated branch's consent CSV (pseudonymous ids only); return its make-up."""
-    rng = np.random.default_rng([seed, partition_id])
+    rng = generator(seed, Stream.CONSENT, partition_id)  # never the split's stream
     order = rng.permutation(len(customers))
     n = len(customers)
     cuts = np.cumsum(

@@ -1,11 +1,20 @@
 """Consent for simulated branches: the pooled evaluation rows go through the branches' gate."""
 
+import csv
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
+
 from fedcrm.compliance import ConsentRegistry, Notice, Purpose, open_store, sqlite_url
-from fedcrm.simulation.consent_setup import ConsentSetup, gate_branches, setup_branch_consent
+from fedcrm.data.split import split_frame
+from fedcrm.simulation.consent_setup import (
+    ConsentSetup,
+    gate_branches,
+    setup_branch_consent,
+    write_consent_csv,
+)
 from fedcrm.tasks import SimulatedBranch
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -109,3 +118,29 @@ def test_branch_consent_is_made_up_imported_and_declared(tmp_path: Path) -> None
         "refused": 2,
         "withdrawn": 2,
     }
+
+
+def test_simulated_consent_is_independent_of_the_branch_split(tmp_path: Path) -> None:
+    """The drift fix: ``default_rng([7, 0])`` is ``default_rng(7)``, the split's stream.
+
+    Branch 0's consent permutation used to be its split's permutation, so the customers marked
+    as withdrawn or refusing were the first rows of its test set. On a one-class branch the
+    split permutes all rows with the run's seed; the excluded share must be alike in both parts.
+    """
+    customers = [f"p_{i}" for i in range(1000)]
+    frame = pd.DataFrame({"customer_id": customers, "churn": 0})
+    split = split_frame(frame, label="churn", seed=7)
+    setup = ConsentSetup(withdrawn_share=0.05, refused_share=0.05, no_consent_share=0.0)
+    path = tmp_path / "consent.csv"
+    write_consent_csv(path, customers, setup, partition_id=0, now=NOW, seed=7)
+    with path.open(encoding="utf-8") as handle:
+        left_out = {
+            row["customer_id"] for row in csv.DictReader(handle) if row["status"] != "given"
+        }
+    assert len(left_out) == 100
+
+    def share(part: pd.DataFrame) -> float:
+        return sum(c in left_out for c in part["customer_id"]) / len(part)
+
+    test, train = share(split.test), share(split.train)
+    assert 0.04 < test < 0.2 and 0.04 < train < 0.2, (test, train)  # was 0.5 and 0.0
