@@ -8,7 +8,7 @@ Flower's deployment engine it reads everything from the run config (``flwr run
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -56,7 +56,7 @@ def _log_to_console() -> None:
 def deployed_wiring(
     run_config: Mapping[str, object],
     cfg: FederationConfig,
-    task: Task[object, object],
+    task: Task[Any, Any],
     *,
     run_id: str,
     ledger_url: str,
@@ -174,6 +174,7 @@ def make_server_app(
                 min_nodes=min_nodes,
                 on_round=on_round,
                 wrap_strategy=wire.wrap if wire.wraps else None,
+                check_statistics=wire.check_statistics,
                 dp=privacy,
                 ledger=None if privacy is None else PrivacyLedger(open_store(url)),
                 run_id=name,

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 StrategyWrapper = Callable[[Strategy], Strategy]
 """Wraps the inner strategy (HE, SecAgg+, central DP, robust) inside the reply validation."""
+StatisticsCheck = Callable[[list[MetricRecord]], None]
+"""Refuses, before round 1, what the branches' statistics make impossible (raises)."""
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -86,6 +88,7 @@ def run_federation(
     min_nodes: int = 2,
     on_round: RoundCallback | None = None,
     wrap_strategy: StrategyWrapper | None = None,
+    check_statistics: StatisticsCheck | None = None,
     dp: FederatedDPConfig | None = None,
     ledger: PrivacyLedger | None = None,
     run_id: str = "run",
@@ -101,6 +104,8 @@ def run_federation(
         min_nodes: Branches that must be connected before the first round.
         on_round: Called after every round.
         wrap_strategy: Wraps the optimisation strategy (inside the reply validation).
+        check_statistics: Checks the branches' statistics before round 1 (e.g. SecAgg+'s
+            largest weight: `fedcrm.server.wiring.Wiring.check_statistics`).
         dp: DP-SGD settings sent to every branch (``None``: no DP).
         ledger: Where every branch's privacy decision is recorded (DP runs).
         run_id: The run's id in the ledger, the audit log and the branches' manifests.
@@ -109,7 +114,8 @@ def run_federation(
         audit: The run's audit trail (configuration, manifests, refusals, ledger entries).
 
     Raises:
-        ConfigError: DP was asked for with FedProx (its proximal term is not clipped).
+        ConfigError: DP was asked for with FedProx (its proximal term is not clipped), or
+            ``check_statistics`` refused the branches' statistics.
         FederationStopped: Privacy budgets or consent refusals left fewer than
             ``min-train-nodes`` admitted branches, or the ledger refused a branch's report.
         FedCrmError: A round produced no usable update.
@@ -136,9 +142,10 @@ def run_federation(
     stats = query_statistics(
         grid, nodes, ConfigRecord(run), timeout=cfg.round_timeout, gated=purpose is not None
     )
-    result.statistics = task.combine_statistics(
-        settings, screen_statistics(stats, result=result, audit=audit)
-    )
+    records = screen_statistics(stats, result=result, audit=audit)
+    if check_statistics is not None:
+        check_statistics(records)
+    result.statistics = task.combine_statistics(settings, records)
     arrays = ArrayRecord(
         {n: Array(a) for n, a in task.initial_arrays(settings, seed=cfg.seed).items()}
     )

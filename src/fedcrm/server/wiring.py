@@ -15,11 +15,12 @@ first message. Run-config keys of a deployment: ``aggregation-mode``, ``he-publi
 ``he-checkpoint-dir``, ``secagg-*``, ``central-dp-*`` (all declared in ``pyproject.toml``).
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from flwr.app import MetricRecord
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedcrm import wire as k
@@ -246,6 +247,16 @@ class Wiring:
             )
             return self.central
         return inner
+
+    def check_statistics(self, records: Sequence[MetricRecord]) -> None:
+        """Refuse before round 1 a branch whose example count SecAgg+ cannot weigh.
+
+        Raises:
+            ConfigError: A branch announced more examples than ``secagg-max-weight``.
+        """
+        if self.aggregation.mode is AggregationMode.SECAGG and records:
+            counts = [float(r[k.KEY_NUM_EXAMPLES]) for r in records]  # type: ignore[arg-type]
+            self.aggregation.secagg.check_weight(int(max(counts)))
 
     def central_summary(self) -> dict[str, object] | None:
         """What each round of branch-level DP spent (``None``: no branch-level DP)."""

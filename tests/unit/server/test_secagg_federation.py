@@ -206,3 +206,31 @@ def test_server_strategies_run_on_the_unmasked_mean(
     assert rounds[0].train["secagg-summed"] == 5 and result.rejections == []
     _, headline = task.headline(five.settings)
     assert np.isfinite(rounds[0].evaluate[headline])
+
+
+@parametrize_tasks
+def test_too_heavy_a_branch_stops_the_run_before_round_1(five: Federation) -> None:
+    from fedcrm.exceptions import ConfigError
+    from fedcrm.server import AggregationConfig, Wiring
+    from fedcrm.strategies import AggregationMode
+
+    light = _secagg(five, max_weight=10.0)
+    wiring = Wiring(
+        AggregationConfig(mode=AggregationMode.SECAGG, secagg=light),
+        None,
+        rounds=1,
+        run_id="r",
+        ledger_url="sqlite://",
+        round_timeout=5,
+    )
+    grid = _grid(five, [secagg_mod])
+    with pytest.raises(ConfigError, match="more than secagg-max-weight"):
+        run_federation(
+            grid,
+            five.federation,
+            five.settings,
+            min_nodes=5,
+            wrap_strategy=wiring.wrap,
+            check_statistics=wiring.check_statistics,
+        )
+    assert all(m.metadata.message_type.startswith("query") for m in grid.sent)

@@ -281,3 +281,26 @@ def test_robust_aggregator_replaces_fedavg_only() -> None:
     assert isinstance(wiring.wrap(FedAvg()), Krum)
     with pytest.raises(ConfigError, match="replaces FedAvg"):
         wiring.wrap(FedProx(proximal_mu=0.1))
+
+
+def test_secagg_refuses_a_branch_heavier_than_max_weight_before_round_1() -> None:
+    """The branches' statistics (round 0) name their counts: too large a weight stops the run."""
+    from flwr.app import MetricRecord
+
+    from fedcrm.server import AggregationConfig, Wiring
+    from fedcrm.strategies import AggregationMode, SecAggConfig
+
+    wiring = Wiring(
+        AggregationConfig(mode=AggregationMode.SECAGG, secagg=SecAggConfig(max_weight=100.0)),
+        None,
+        rounds=1,
+        run_id="r",
+        ledger_url="sqlite://",
+        round_timeout=5,
+    )
+    fits = [MetricRecord({"num-examples": 80}), MetricRecord({"num-examples": 100})]
+    wiring.check_statistics(fits)
+    with pytest.raises(ConfigError, match="raise secagg-max-weight to at least 150"):
+        wiring.check_statistics([*fits, MetricRecord({"num-examples": 150})])
+    plain = Wiring(AggregationConfig(), None, rounds=1, run_id="r", ledger_url="", round_timeout=5)
+    plain.check_statistics([MetricRecord({"num-examples": 10**9})])  # nothing to weigh
