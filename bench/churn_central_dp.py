@@ -188,7 +188,7 @@ def main() -> None:
         for name in args.datasets:
             fed = prepare(EXAMPLES[name], Path(tmp) / name, overrides)
             f, s = fed.cfg.federation, fed.settings
-            sizes = [fed.task.num_examples(d) for d in fed.data]
+            sizes = [d.num_examples for d in fed.data]
             print(
                 f"\n## {name}: {len(fed.data)} branches ({min(sizes)}-{max(sizes)} training "
                 f"rows), {f.num_rounds} rounds x {s.local_epochs} local epoch(s), batch "

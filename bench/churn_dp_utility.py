@@ -180,7 +180,7 @@ def main() -> None:
         for name in args.datasets:
             fed = prepare(EXAMPLES[name], Path(tmp) / name, overrides)
             f, s = fed.cfg.federation, fed.settings
-            sizes = [fed.task.num_examples(d) for d in fed.data]
+            sizes = [d.num_examples for d in fed.data]
             print(
                 f"\n## {name}: {len(fed.data)} branches "
                 f"({min(sizes)}-{max(sizes)} training rows), "

@@ -195,7 +195,7 @@ def make_client_app(
         try:
             consent = resolve_consent(context, source, consent_db)
             gate = apply_gate(
-                run.task.subjects(data),
+                data.subjects(),
                 purpose=run.purpose,
                 consent=consent,
                 at=datetime.now(UTC),
@@ -209,7 +209,7 @@ def make_client_app(
             manifest = commit_round(
                 gate, consent=consent, run_id=run.run_id, server_round=run.server_round
             )
-        gated = run.task.keep_subjects(data, gate.kept)
+        gated = data.keep(gate.kept)
         return Prepared(run, settings, source, gated, ctx, manifest)
 
     def with_manifest(reply: Message, manifest: RoundManifest | None) -> Message:
@@ -226,7 +226,7 @@ def make_client_app(
             return p
         values = {
             **p.run.task.statistics(p.data, p.settings),
-            k.KEY_NUM_EXAMPLES: p.run.task.num_examples(p.data),
+            k.KEY_NUM_EXAMPLES: p.data.num_examples,
         }
         return Message(RecordDict({k.METRICS: MetricRecord(values)}), reply_to=msg)
 

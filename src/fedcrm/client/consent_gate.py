@@ -7,7 +7,7 @@ branch, for every message (federated statistics, training, evaluation):
    ``purposes``), or where no customer has valid consent for it, refuses the run with a
    structured :class:`~fedcrm.compliance.manifest.ConsentRefusal`;
 2. otherwise only the customers whose consent for the purpose is valid at the time of the
-   message are kept (the task keeps their rows: `fedcrm.tasks.Task.keep_subjects`): given or
+   message are kept (the task keeps their rows: `fedcrm.tasks.CustomerData.keep`): given or
    renewed, not expired, not withdrawn or refused (an objection is recorded as a withdrawal),
    not erased, and, when the branch sets ``retention-days``, decided within the retention
    period. Everyone else is counted by :class:`ExclusionReason`;

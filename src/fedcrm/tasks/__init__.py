@@ -9,6 +9,7 @@ same way for every task.
 from fedcrm.tasks.base import (
     Arrays,
     BranchSource,
+    CustomerData,
     DPStatement,
     FinishedRun,
     LocalUpdate,
@@ -29,6 +30,7 @@ __all__ = [
     "TASKS",
     "Arrays",
     "BranchSource",
+    "CustomerData",
     "DPStatement",
     "FinishedRun",
     "LocalUpdate",

@@ -8,11 +8,12 @@ registry (the way Opacus registers its accountants); a new task is one folder un
 ``fedcrm/tasks/`` and one line in :func:`registry`. See ``docs/tasks.md`` for the steps.
 """
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
@@ -23,8 +24,26 @@ from fedcrm.privacy.accounting import AccountingEvent, NoisePlan
 from fedcrm.privacy.config import DPConfig
 from fedcrm.settings import Value, from_mapping
 
+
+class CustomerData(Protocol):
+    """What the core needs of a branch's (split) data, whatever the task."""
+
+    @property
+    def num_examples(self) -> int:
+        """Training examples (the branch's FedAvg weight)."""
+        ...
+
+    def subjects(self) -> dict[str, list[str]]:
+        """The pseudonymous customer ids in each part (``train``, ``val``, ``test``)."""
+        ...
+
+    def keep(self, kept: set[str]) -> Self:
+        """The data of the customers in ``kept`` only (the consent gate's result)."""
+        ...
+
+
 SettingsT = TypeVar("SettingsT")
-DataT = TypeVar("DataT")
+DataT = TypeVar("DataT", bound=CustomerData)
 SpecT = TypeVar("SpecT")
 
 Arrays = dict[str, NDArray[Any]]
@@ -156,6 +175,11 @@ class Task(ABC, Generic[SettingsT, DataT]):
     """``[dp]`` keys that are fields of `settings_type` (task-specific DP options)."""
     model_file: ClassVar[str]
     """The released model's file name in a run directory (`save_model`, `load_model`)."""
+    experiment_path: ClassVar[str]
+    """``module:Class`` of the task's `TaskExperiment`, imported on first use: its data loaders
+    and baselines are heavy, and a branch process never needs them."""
+    cli_path: ClassVar[str]
+    """The module of the task's command-line parts: ``results_tables`` and ``COMMANDS``."""
 
     def settings(
         self,
@@ -239,18 +263,6 @@ class Task(ABC, Generic[SettingsT, DataT]):
             fedcrm.exceptions.FedCrmError: The data is unusable (the message says how to fix).
         """
 
-    @abstractmethod
-    def subjects(self, data: DataT) -> dict[str, list[str]]:
-        """The pseudonymous customer ids in each part (``train``, ``val``, ``test``)."""
-
-    @abstractmethod
-    def keep_subjects(self, data: DataT, kept: set[str]) -> DataT:
-        """The data of the customers in ``kept`` only (the consent gate's result)."""
-
-    @abstractmethod
-    def num_examples(self, data: DataT) -> int:
-        """The branch's training examples (its FedAvg weight)."""
-
     def statistics(self, data: DataT, settings: SettingsT) -> dict[str, MetricValue]:
         """What the branch contributes to `combine_statistics` (aggregates only)."""
         del data, settings
@@ -292,9 +304,11 @@ class Task(ABC, Generic[SettingsT, DataT]):
     # ------------------------------------------------------------------ simulation
 
     @property
-    @abstractmethod
     def experiment(self) -> "TaskExperiment[Any, SettingsT]":
-        """The task's side of a simulated experiment."""
+        """The task's side of a simulated experiment (`experiment_path`)."""
+        module, name = self.experiment_path.split(":")
+        found: TaskExperiment[Any, SettingsT] = getattr(importlib.import_module(module), name)()
+        return found
 
     @abstractmethod
     def save_model(self, arrays: Arrays, folder: Path) -> Path:
@@ -305,12 +319,13 @@ class Task(ABC, Generic[SettingsT, DataT]):
         """Read the model `save_model` wrote into ``folder``."""
 
     def commands(self) -> list[Callable[..., None]]:
-        """Typer commands the task adds to ``fedcrm`` (e.g. ``recommend``)."""
-        return []
+        """Typer commands the task adds to ``fedcrm`` (``COMMANDS`` of `cli_path`)."""
+        return list(getattr(importlib.import_module(self.cli_path), "COMMANDS", ()))
 
-    @abstractmethod
     def results_tables(self, summaries: Sequence[Mapping[str, Any]]) -> list[Any]:
         """Rich tables of finished runs of this task (their ``summary.json``), for the CLI."""
+        tables: list[Any] = importlib.import_module(self.cli_path).results_tables(summaries)
+        return tables
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,12 @@ class ChurnData:
     split: Split
     schema: ChurnSchema
 
-    def customers(self) -> dict[str, list[str]]:
+    @property
+    def num_examples(self) -> int:
+        """Training rows."""
+        return len(self.split.train)
+
+    def subjects(self) -> dict[str, list[str]]:
         """The pseudonymous ids of each part (one row per customer)."""
         column = self.schema.id_column
         parts = {"train": self.split.train, "val": self.split.val, "test": self.split.test}

@@ -26,6 +26,7 @@ from fedcrm.data.synthetic import synthetic_export
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.churn import model_from_state, predict_proba
 from fedcrm.models.metrics import exact_metrics
+from fedcrm.seeds import Stream, integer
 from fedcrm.tasks.base import (
     FinishedRun,
     SimulatedBranch,
@@ -102,7 +103,8 @@ def load_pooled(spec: ChurnSpec, *, seed: int) -> tuple[ChurnSchema, pd.DataFram
     """The pooled data set named by the experiment (real or synthetic), coerced to its schema."""
     if spec.dataset.startswith(SYNTHETIC_PREFIX):
         schema = get_schema(spec.schema_name)
-        return schema, coerce_frame(synthetic_export(schema, spec.rows, seed=seed), schema)
+        rows = synthetic_export(schema, spec.rows, seed=integer(seed, Stream.SYNTHETIC))
+        return schema, coerce_frame(rows, schema)
     return load_dataset(spec.dataset)
 
 
@@ -206,7 +208,7 @@ class ChurnExperiment(TaskExperiment[ChurnSpec, ChurnSettings]):
     ) -> dict[str, list[str]]:
         """The customers of each part of the branch's split (pseudonyms, as in its export)."""
         schema = get_schema(settings.schema)
-        return branch.ChurnData(read_split(sim.folder, schema, seed=seed), schema).customers()
+        return branch.ChurnData(read_split(sim.folder, schema, seed=seed), schema).subjects()
 
     def finish(self, run: FinishedRun[ChurnSpec, ChurnSettings]) -> TaskOutcome:
         """Score the released model on the pooled rows; train the baselines on the same rows."""

@@ -2,7 +2,7 @@
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ from fedcrm.tasks.base import (
     PrivateUpdate,
     RoundContext,
     Task,
-    TaskExperiment,
     float32,
 )
 from fedcrm.tasks.churn import branch
@@ -67,6 +66,8 @@ class ChurnTask(Task[ChurnSettings, ChurnData]):
     model_name = "churn"
     purpose = "churn-model-training"
     strategies = frozenset({"fedavg", "fedprox", "fedadam"})
+    experiment_path = "fedcrm.tasks.churn.experiment:ChurnExperiment"
+    cli_path = "fedcrm.tasks.churn.cli"
     model_file = MODEL_FILE
 
     # ------------------------------------------------------------------ server side
@@ -126,18 +127,6 @@ class ChurnTask(Task[ChurnSettings, ChurnData]):
         else:
             export = branch.BranchData(source.folder / branch.EXPORT_FILE)
         return ChurnData(export.load(schema, seed=seed), schema)
-
-    def subjects(self, data: ChurnData) -> dict[str, list[str]]:
-        """One row per customer: the id column of each part."""
-        return data.customers()
-
-    def keep_subjects(self, data: ChurnData, kept: set[str]) -> ChurnData:
-        """The rows of the customers in ``kept``."""
-        return data.keep(kept)
-
-    def num_examples(self, data: ChurnData) -> int:
-        """Training rows."""
-        return len(data.split.train)
 
     def statistics(self, data: ChurnData, settings: ChurnSettings) -> dict[str, MetricValue]:
         """The branch's moments of its numeric training columns (for the shared scaler)."""
@@ -226,19 +215,6 @@ class ChurnTask(Task[ChurnSettings, ChurnData]):
         )
 
     # ------------------------------------------------------------------ simulation
-
-    @property
-    def experiment(self) -> TaskExperiment[Any, ChurnSettings]:
-        """Partitioned real or synthetic churn data, pooled baselines, exact pooled metrics."""
-        from fedcrm.tasks.churn.experiment import ChurnExperiment
-
-        return ChurnExperiment()
-
-    def results_tables(self, summaries: Sequence[Mapping[str, Any]]) -> list[Any]:
-        """Test ROC-AUC of every run beside its best centralised baseline."""
-        from fedcrm.tasks.churn.cli import results_tables
-
-        return results_tables(summaries)
 
     def save_model(self, arrays: Arrays, folder: Path) -> Path:
         """``model.safetensors`` (float32 tensors in the model's order)."""

@@ -10,7 +10,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import numpy as np
 import typer
@@ -186,3 +186,7 @@ def results_tables(summaries: Sequence[Mapping[str, Any]]) -> list[Table]:
             )
         tables.append(table)
     return tables
+
+
+COMMANDS: Final = (recommend,)
+"""The commands this task adds to ``fedcrm``."""

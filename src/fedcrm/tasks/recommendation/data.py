@@ -33,6 +33,7 @@ from fedcrm.data.movielens import (
 )
 from fedcrm.data.pseudonymise import pseudonymise_series
 from fedcrm.exceptions import ConfigError, DataError
+from fedcrm.seeds import Stream, generator, integer
 
 RecDataset = Literal["movielens-100k", "synthetic"]
 
@@ -122,11 +123,11 @@ def synthetic_rec_data(cfg: SyntheticRecConfig, *, seed: int) -> RecData:
     log = synthetic_interactions(
         cfg.users,
         cfg.items,
-        seed=seed,
+        seed=integer(seed, Stream.SYNTHETIC),
         n_groups=cfg.groups,
         per_user=(cfg.min_per_user, cfg.max_per_user),
     )
-    rng = np.random.default_rng([seed, 7])
+    rng = generator(seed, Stream.SYNTHETIC, 1)  # which branch each user belongs to
     weights = np.arange(1, cfg.branches + 1, dtype=np.float64)
     branch = rng.choice(cfg.branches, size=cfg.users, p=weights / weights.sum())
     branch[: cfg.branches] = np.arange(cfg.branches)
@@ -193,6 +194,11 @@ class RecBranch:
     customers: tuple[str, ...]
     split: LeaveOneOutSplit
     negatives: SampledNegatives
+
+    @property
+    def num_examples(self) -> int:
+        """Training interactions."""
+        return len(self.split.train)
 
     def subjects(self) -> dict[str, list[str]]:
         """The customers trained on (with interactions) and evaluated (validation and test)."""

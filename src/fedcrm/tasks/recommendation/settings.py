@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.rec_training import DEFAULT_K, MFSettings
@@ -88,6 +88,19 @@ class RecSettings:
             )
         if self.num_items < 0:
             raise ConfigError(f"num-items must be >= 0, got {self.num_items}")
+
+    def local_fit(self, *, seed: int) -> dict[str, Any]:
+        """The keyword arguments of one round's local fit (`train_branch`, `fit_user_factors`)."""
+        return {
+            "epochs": self.local_epochs,
+            "lr": self.lr,
+            "negatives_per_positive": self.negatives_per_positive,
+            "seed": seed,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+            "loss": self.loss,
+            "recency_halflife": self.recency_halflife,
+        }
 
     def mf(self, *, epochs: int) -> MFSettings:
         """The same model and optimiser for a centralised MF baseline of ``epochs`` epochs."""

@@ -13,7 +13,7 @@ Notes:
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,7 +44,6 @@ from fedcrm.tasks.base import (
     PrivateUpdate,
     RoundContext,
     Task,
-    TaskExperiment,
 )
 from fedcrm.tasks.recommendation.data import (
     RecBranch,
@@ -99,6 +98,8 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
     model_name = "recommender"
     purpose = "recommendation-training"
     dp_keys = frozenset({"users-per-step", "max-interactions-per-user"})
+    experiment_path = "fedcrm.tasks.recommendation.experiment:RecExperiment"
+    cli_path = "fedcrm.tasks.recommendation.cli"
     model_file = k.REC_ITEMS_FILE
 
     # ------------------------------------------------------------------ server side
@@ -155,18 +156,6 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
             seed=seed,
         )
 
-    def subjects(self, data: RecBranch) -> dict[str, list[str]]:
-        """Customers with training interactions; customers evaluated."""
-        return data.subjects()
-
-    def keep_subjects(self, data: RecBranch, kept: set[str]) -> RecBranch:
-        """The interactions of the customers in ``kept`` (user factor rows unchanged)."""
-        return data.keep(kept)
-
-    def num_examples(self, data: RecBranch) -> int:
-        """Training interactions."""
-        return len(data.split.train)
-
     def _model(
         self, data: RecBranch, arrays: Arrays, settings: RecSettings, ctx: RoundContext
     ) -> MatrixFactorisation:
@@ -195,18 +184,8 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
     ) -> LocalUpdate:
         """Local epochs of both towers; the user factors stay here."""
         model = self._model(data, arrays, settings, ctx)
-        out = train_branch(
-            model,
-            _training_split(data, settings).split.train,
-            epochs=settings.local_epochs,
-            lr=settings.lr,
-            negatives_per_positive=settings.negatives_per_positive,
-            seed=ctx.seed,
-            weight_decay=settings.weight_decay,
-            batch_size=settings.batch_size,
-            loss=settings.loss,
-            recency_halflife=settings.recency_halflife,
-        )
+        train = _training_split(data, settings).split.train
+        out = train_branch(model, train, **settings.local_fit(seed=ctx.seed))
         self._keep_user_factors(model, ctx)
         loss = out.final_loss if out.epoch_losses else 0.0
         return LocalUpdate(dict(shared_state(model)), out.num_examples, {k.KEY_TRAIN_LOSS: loss})
@@ -249,18 +228,7 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
         planned = self.private_rows(data, settings).rows
         if len(rows) != planned:
             raise ConfigError(f"{len(rows)} customer rows, the noise was planned for {planned}")
-        fit_user_factors(
-            model,
-            train,
-            epochs=settings.local_epochs,
-            lr=settings.lr,
-            negatives_per_positive=settings.negatives_per_positive,
-            seed=ctx.seed,
-            weight_decay=settings.weight_decay,
-            batch_size=settings.batch_size,
-            loss=settings.loss,
-            recency_halflife=settings.recency_halflife,
-        )
+        fit_user_factors(model, train, **settings.local_fit(seed=ctx.seed))
         _, event = train_items_private(
             model,
             rows,
@@ -306,13 +274,6 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
 
     # ------------------------------------------------------------------ simulation
 
-    @property
-    def experiment(self) -> TaskExperiment[Any, RecSettings]:
-        """MovieLens 100K by ZIP zone (or synthetic), centralised baselines, published anchors."""
-        from fedcrm.tasks.recommendation.experiment import RecExperiment
-
-        return RecExperiment()
-
     def save_model(self, arrays: Arrays, folder: Path) -> Path:
         """``items.npz``: the item factors, biases and history weights the branches serve from."""
         path = folder / k.REC_ITEMS_FILE
@@ -322,15 +283,3 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
     def load_model(self, folder: Path) -> Arrays:
         """The arrays of ``items.npz``."""
         return dict(load_arrays(folder / k.REC_ITEMS_FILE))
-
-    def results_tables(self, summaries: Sequence[Mapping[str, Any]]) -> list[Any]:
-        """HR@k and NDCG@k of each run beside its centralised baselines."""
-        from fedcrm.tasks.recommendation.cli import results_tables
-
-        return results_tables(summaries)
-
-    def commands(self) -> list[Callable[..., None]]:
-        """``fedcrm recommend``: top-N items for a branch's customer from a finished run."""
-        from fedcrm.tasks.recommendation.cli import recommend
-
-        return [recommend]
