@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import Strategy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _churn_federation import ChurnFederation, prepare, roc_auc
 from fedcrm import wire as k
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
+from fedcrm.privacy import CentralDPConfig, CentralDPMode
 from fedcrm.simulation import in_process_identity
 from fedcrm.strategies import CentralDPStrategy, ValidatedStrategy, build_strategy
 from fedcrm.tasks import Arrays

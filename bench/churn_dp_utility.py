@@ -44,8 +44,7 @@ from flwr.app import RecordDict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _churn_federation import ChurnFederation, prepare, roc_auc
 from fedcrm.client import BranchPrivacy, private_round
-from fedcrm.privacy.dp_sgd import InsecureRNGWarning
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGDConfig, InsecureRNGWarning
 from fedcrm.tasks import Arrays
 from fedcrm.tasks.churn.baselines import PooledData, logistic_regression, pooled_torch
 
@@ -76,11 +75,7 @@ def federate(
     """FedAvg over the branch code; record-level DP-SGD on every branch unless ε = ∞."""
     f, task = fed.cfg.federation, fed.task
     state = fed.initial()
-    dp = (
-        None
-        if math.isinf(epsilon)
-        else FederatedDPConfig(target_epsilon=epsilon, max_grad_norm=clip)
-    )
+    dp = None if math.isinf(epsilon) else DPSGDConfig(target_epsilon=epsilon, max_grad_norm=clip)
     node_states = [RecordDict() for _ in fed.branches]  # each branch's Context.state
     sigmas: set[float] = set()
     best: tuple[float, int, Arrays] = (-np.inf, 0, state)

@@ -20,7 +20,7 @@ Configurations:
 * ``opacus PrivacyEngine``: stock Opacus 1.6 (``PrivacyEngine().make_private``, hooks, its own
   per-row Poisson ``DPDataLoader``), divided by the DataLoader baseline: how the anchor
   (1.8-3.9x, STACK.md) was measured.
-* ``fedcrm <mode>``: :func:`fedcrm.privacy.dp_sgd.make_private` with each grad-sample mode
+* ``fedcrm <mode>``: :func:`fedcrm.privacy.make_private` with each grad-sample mode
   (Opacus hooks, ew, functorch, ghost; fedcrm fast-linear), Poisson-sampled tensor batches,
   ``int(1/q)`` steps per epoch.
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedcrm.privacy.dp_sgd import OPACUS_VERSION, InsecureRNGWarning, make_private
+from fedcrm.privacy import OPACUS_VERSION, InsecureRNGWarning, make_private
 
 WIDTH = 40
 TARGET = 1.5
@@ -111,7 +111,7 @@ def stock_opacus(data: TensorDataset, batch: int, opt: str) -> Callable[[], None
     optimizer = make_optimizer(model, opt)
     criterion = nn.BCEWithLogitsLoss()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Secure RNG turned off": known, see dp_sgd.py
+        warnings.simplefilter("ignore")  # "Secure RNG turned off": known, see fedcrm.privacy.dp
         engine = PrivacyEngine(accountant="rdp")
         gsm, dp_optimizer, loader = engine.make_private(
             module=model,

@@ -34,8 +34,12 @@ from fedcrm.data.movielens import (
 from fedcrm.models.rec_private import fit_user_factors, train_items_private, user_rows
 from fedcrm.models.rec_training import evaluate_branch
 from fedcrm.models.recommender import MatrixFactorisation
-from fedcrm.privacy.accounting import plan_noise_multiplier, poisson_sample_rate, steps_per_epoch
-from fedcrm.privacy.dp_sgd import InsecureRNGWarning
+from fedcrm.privacy import (
+    InsecureRNGWarning,
+    plan_noise_multiplier,
+    poisson_sample_rate,
+    steps_per_epoch,
+)
 
 NEAR_NOISELESS = 0.01
 

@@ -42,8 +42,8 @@ KEY_NUM_ROUNDS: Final = "num-rounds"  # planned rounds (DP noise is planned for 
 KEY_CONSENT_PURPOSE: Final = "consent-purpose"  # the run's declared purpose (absent: no gate)
 KEY_RUN_ID: Final = "run-id"  # the run's id, naming the branch's archived round manifests
 
-# Record-level DP settings sent with every train message of a DP run (absent: no DP). The
-# dp-* names match `fedcrm.privacy.config.RUN_CONFIG_KEYS`.
+# Record-level DP settings sent with every train message of a DP run (absent: no DP);
+# `fedcrm.privacy.DPSGD_RUN_CONFIG_KEYS` maps them to `DPSGDConfig` fields.
 KEY_DP_TARGET_EPSILON: Final = "dp-target-epsilon"
 KEY_DP_DELTA: Final = "dp-delta"  # absent: delta = 1 / (branch training rows)
 KEY_DP_MAX_GRAD_NORM: Final = "dp-max-grad-norm"

@@ -1,8 +1,7 @@
 """Each ML subpackage's ``__all__`` is its public API, and the code imports only that API.
 
-Two kinds of ``__init__``: eager ones (plain imports and ``__all__``: client, server,
-simulation, strategies, tasks) and lazy ones (``_EXPORTS`` resolved on first use through
-`fedcrm._exports`: data, models, privacy). The checks below hold for both.
+Every ``__init__`` is eager: plain imports and ``__all__``, as Flower's
+``serverapp/strategy/__init__.py``, so that mypy and editors see the real types.
 """
 
 import ast
@@ -31,10 +30,6 @@ def _package(name: str) -> ModuleType:
     return importlib.import_module(f"fedcrm.{name}")
 
 
-def _is_lazy(package: ModuleType) -> bool:
-    return hasattr(package, "_EXPORTS")
-
-
 def _isort_key(name: str) -> tuple[int, list[str | int]]:
     """Ruff's RUF022 order of an eager ``__all__``: CONSTANTS, then Classes, then functions."""
     kind = 0 if name.isupper() else 1 if name[:1].isupper() else 2
@@ -53,28 +48,15 @@ def test_all_is_sorted_unique_and_resolves(name: str) -> None:
     package = _package(name)
     exported = package.__all__
     assert len(exported) == len(set(exported))
-    # Lazy packages sort their generated __all__; ruff sorts an eager one (RUF022).
-    assert exported == sorted(exported, key=None if _is_lazy(package) else _isort_key)
+    assert exported == sorted(exported, key=_isort_key)  # ruff's order (RUF022)
     for member_name in exported:
         member = getattr(package, member_name)
         assert _documented(member), f"fedcrm.{name}.{member_name} has no docstring"
 
 
-@pytest.mark.parametrize("name", [n for n in SUBPACKAGES if _is_lazy(_package(n))])
-def test_lazy_exports_resolve_to_their_definitions(name: str) -> None:
-    package = _package(name)
-    assert dir(package) == package.__all__
-    listed = [n for names in package._EXPORTS.values() for n in names]
-    assert sorted(listed) == package.__all__
-    for module, names in package._EXPORTS.items():
-        source = importlib.import_module(f"fedcrm.{name}.{module}")
-        for member_name in names:
-            assert getattr(package, member_name) is getattr(source, member_name), member_name
-
-
-@pytest.mark.parametrize("name", [n for n in SUBPACKAGES if not _is_lazy(_package(n))])
-def test_eager_exports_are_what_the_init_imports(name: str) -> None:
-    """Every name an eager ``__init__`` binds (other than its modules) is listed, and no more."""
+@pytest.mark.parametrize("name", SUBPACKAGES)
+def test_exports_are_what_the_init_imports(name: str) -> None:
+    """Every name an ``__init__`` binds (other than its modules) is listed, and no more."""
     package = _package(name)
     bound = {
         member_name
@@ -97,8 +79,6 @@ def test_unknown_names_are_attribute_errors(name: str) -> None:
 def _public(sub: str, module: str, name: str) -> bool:
     """Whether ``from fedcrm.<sub>.<module> import name`` imports ``fedcrm.<sub>``'s API."""
     package = _package(sub)
-    if _is_lazy(package):
-        return name in package._EXPORTS.get(module, ())
     if name not in package.__all__:
         return False
     try:
@@ -147,9 +127,8 @@ def test_code_outside_a_subpackage_imports_only_its_public_api() -> None:
         for path, sub, module, name in _cross_imports()
         if not _public(sub, module, name)
     ]
-    assert not private, (
-        "add these to the subpackage's __all__ (or _EXPORTS) or stop using them:\n"
-        + "\n".join(private)
+    assert not private, "add these to the subpackage's __all__ or stop using them:\n" + "\n".join(
+        private
     )
 
 

@@ -49,7 +49,7 @@ from fedcrm.client.source import privacy_dir, resolve_consent, resolve_source
 from fedcrm.compliance import Purpose
 from fedcrm.compliance.manifest import ConsentRefusal, RoundManifest
 from fedcrm.exceptions import ConfigError, ErrorCode, FedCrmError
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGDConfig
 from fedcrm.tasks import Arrays, BranchSource, RoundContext, Task, get_task
 from fedcrm.tasks.registry import DEFAULT_TASK
 
@@ -76,7 +76,7 @@ class RunMessage:
     num_rounds: int
     run_id: str
     purpose: Purpose | None
-    dp: FederatedDPConfig | None
+    dp: DPSGDConfig | None
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "RunMessage":
@@ -105,7 +105,7 @@ class RunMessage:
             num_rounds=integer(k.KEY_NUM_ROUNDS, 1),
             run_id=str(config.get(k.KEY_RUN_ID, "run")),
             purpose=purpose,
-            dp=FederatedDPConfig.from_run_config(config),
+            dp=DPSGDConfig.from_run_config(config),
         )
 
 
@@ -230,9 +230,7 @@ def make_client_app(
         }
         return Message(RecordDict({k.METRICS: MetricRecord(values)}), reply_to=msg)
 
-    def train_private(
-        msg: Message, context: Context, p: Prepared, dp: FederatedDPConfig
-    ) -> Message:
+    def train_private(msg: Message, context: Context, p: Prepared, dp: DPSGDConfig) -> Message:
         where = dp_round.BranchPrivacy(
             privacy_dir(context, p.source), p.source.name, dp_round.accountant_key(p.source.key)
         )

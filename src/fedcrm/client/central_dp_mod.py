@@ -21,7 +21,7 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedcrm import wire as k
-from fedcrm.privacy.branch_accounting import CentralDPMode
+from fedcrm.privacy import CentralDPMode
 
 
 def _applies(msg: Message) -> bool:

@@ -3,7 +3,7 @@
 The branch enforces its own budget: the check runs before any training, against the branch's
 persistent accountant (HMAC-protected JSON on the branch, reloaded every round and after any
 restart), and a round that would take the cumulative ε past the budget of (model, purpose) is
-refused with a structured :class:`fedcrm.privacy.federated.PrivacyReport`; no parameters are
+refused with a structured :class:`fedcrm.privacy.PrivacyReport`; no parameters are
 sent. An admitted round trains with at most the admitted number of steps, records the steps it
 took and saves the accountant before the reply leaves the branch.
 
@@ -25,11 +25,15 @@ from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
-from fedcrm.privacy.accounting import BranchAccountant, NoisePlan, plan_for_config
-from fedcrm.privacy.budget import BudgetDecision
-from fedcrm.privacy.config import DPConfig
-from fedcrm.privacy.dp_sgd import OPACUS_VERSION
-from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport
+from fedcrm.privacy import (
+    OPACUS_VERSION,
+    BranchAccountant,
+    BudgetDecision,
+    DPSGDConfig,
+    NoisePlan,
+    PrivacyReport,
+    plan_for_config,
+)
 from fedcrm.tasks import Arrays, PrivateRows, PrivateUpdate, RoundContext, Task
 
 logger = logging.getLogger(__name__)
@@ -74,27 +78,24 @@ class DPRoundOutcome:
     update: PrivateUpdate | None
 
 
-def plan(
-    dp: FederatedDPConfig, rows: PrivateRows, *, rounds: int, state: RecordDict
-) -> tuple[DPConfig, NoisePlan]:
-    """The branch's DP configuration and σ for the federation, cached in ``state``.
+def plan(dp: DPSGDConfig, rows: PrivateRows, *, rounds: int, state: RecordDict) -> NoisePlan:
+    """The branch's noise for the federation (its δ, q and σ), cached in ``state``.
 
     Raises:
-        fedcrm.privacy.config.InvalidDPConfig: A value is out of range.
-        fedcrm.privacy.accounting.AccountingError: The batch exceeds the rows, or no σ reaches
-            the target.
+        fedcrm.exceptions.ConfigError: δ = 1/n with fewer than 2 rows.
+        fedcrm.privacy.dp.AccountingError: The batch exceeds the rows, or no σ reaches the
+            target.
     """
-    config = dp.for_branch(
-        num_rows=rows.rows, batch_size=rows.batch_size, local_epochs=rows.epochs, rounds=rounds
-    )
     fingerprint = json.dumps(
         [dp.to_run_config(include_ledger=False), rows.rows, rows.batch_size, rows.epochs, rounds],
         sort_keys=True,
     )
     cached = state.config_records.get(_PLAN_STATE)
     if cached is not None and cached.get("fingerprint") == fingerprint:
-        return config, NoisePlan(**json.loads(str(cached["plan"])))
-    noise = plan_for_config(config, num_rows=rows.rows)
+        return NoisePlan(**json.loads(str(cached["plan"])))
+    noise = plan_for_config(
+        dp, num_rows=rows.rows, batch_size=rows.batch_size, local_epochs=rows.epochs, rounds=rounds
+    )
     state.config_records[_PLAN_STATE] = ConfigRecord(
         {"fingerprint": fingerprint, "plan": json.dumps(asdict(noise))}
     )
@@ -106,7 +107,7 @@ def plan(
         noise.steps_per_round,
         noise.planned_epsilon,
     )
-    return config, noise
+    return noise
 
 
 def round_report(
@@ -114,8 +115,7 @@ def round_report(
     *,
     reason: str,
     branch_name: str,
-    dp: FederatedDPConfig,
-    config: DPConfig,
+    dp: DPSGDConfig,
     plan: NoisePlan,
     rows: PrivateRows,
     steps: int,
@@ -138,14 +138,14 @@ def round_report(
         epsilon_round=(after - before) if decision.admitted else would_add,
         epsilon_before=before,
         epsilon=after,
-        budget=config.budget,
-        delta=config.delta,
+        budget=dp.budget,
+        delta=plan.delta,
         noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate,
         steps=steps,
         planned_steps=plan.steps_per_round,
-        max_grad_norm=config.max_grad_norm,
-        accountant=config.accountant,
+        max_grad_norm=dp.max_grad_norm,
+        accountant=dp.accountant,
         library_version=f"opacus {OPACUS_VERSION}",
     )
 
@@ -157,7 +157,7 @@ def private_round(
     settings: object,
     ctx: RoundContext,
     *,
-    dp: FederatedDPConfig,
+    dp: DPSGDConfig,
     rounds: int,
     where: BranchPrivacy,
 ) -> DPRoundOutcome:
@@ -177,20 +177,20 @@ def private_round(
         The report and, when admitted, the update.
 
     Raises:
-        fedcrm.privacy.accounting.AccountantStateError: The stored accountant is corrupted,
-            was written by another accountant or under another key (nothing is overwritten).
-        fedcrm.privacy.accounting.AccountingError: σ cannot be planned.
+        fedcrm.privacy.dp.AccountantStateError: The stored accountant is corrupted, was
+            written by another accountant or under another key (nothing is overwritten).
+        fedcrm.privacy.dp.AccountingError: σ cannot be planned.
     """
     rows = task.private_rows(data, settings)
-    config, noise = plan(dp, rows, rounds=rounds, state=ctx.state)
+    noise = plan(dp, rows, rounds=rounds, state=ctx.state)
     path = accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
-    accountant = BranchAccountant.open(path, accountant=config.accountant, key=where.key)
+    accountant = BranchAccountant.open(path, accountant=dp.accountant, key=where.key)
     decision = accountant.would_exceed(
         noise_multiplier=noise.noise_multiplier,
         sample_rate=noise.sample_rate,
         steps=noise.steps_per_round,
-        delta=config.delta,
-        budget=config.budget,
+        delta=noise.delta,
+        budget=dp.budget,
     )
 
     def report(*, reason: str, steps: int, after: float) -> PrivacyReport:
@@ -199,7 +199,6 @@ def private_round(
             reason=reason,
             branch_name=where.branch_name,
             dp=dp,
-            config=config,
             plan=noise,
             rows=rows,
             steps=steps,
@@ -210,18 +209,18 @@ def private_round(
         logger.warning("%s: round refused: %s", where.branch_name, decision.reason)
         refused = report(reason=decision.reason, steps=0, after=decision.current_epsilon)
         return DPRoundOutcome(refused, None)
-    update = task.train_private(data, arrays, settings, ctx, config=config, plan=noise)
+    update = task.train_private(data, arrays, settings, ctx, config=dp, plan=noise)
     if update.event is not None:
         accountant.record(update.event)
         accountant.save(path, key=where.key)
-    after = accountant.epsilon(config.delta)
+    after = accountant.epsilon(noise.delta)
     steps = 0 if update.event is None else update.event.steps
     logger.info(
         "%s: DP round admitted, epsilon %.4f -> %.4f (delta %.3g, %d steps)",
         where.branch_name,
         decision.current_epsilon,
         after,
-        config.delta,
+        noise.delta,
         steps,
     )
     admitted = report(reason=f"{decision.reason}; {rows.note}", steps=steps, after=after)

@@ -17,11 +17,11 @@ Outgoing (train): the handler's new local model ``w_k`` becomes
 the reply. Evaluate replies (metrics only) pass unchanged.
 
 Distributed DP (``[central-dp] mode = "distributed"``: the round's HE record carries ``z``, ``C``
-and ``K_min``, :class:`fedcrm.privacy.distributed_dp.DistributedNoise`): the one encrypt path
+and ``K_min``, :class:`fedcrm.privacy.DistributedNoise`): the one encrypt path
 then runs, in this order, ``delta = w_k - w_t``; clip ``delta`` to L2 norm ``C``; add
 ``N(0, (z C)^2 / K_min)`` per coordinate from a CSPRNG-seeded generator; weight 1 instead of
 ``n_k`` (the server's count is then the number of branches); encrypt. The privacy argument is in
-:mod:`fedcrm.privacy.distributed_dp`.
+docs/privacy-analysis.md#distributed-dp-under-he.
 
 Failures (no or wrong key, a stale base model, a value out of the encryptable range,
 ciphertext that does not decrypt) become an error ``Message`` with the reason; nothing is
@@ -42,7 +42,7 @@ from flwr.common.constant import ErrorCode
 
 from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.distributed_dp import DistributedNoise, secure_generator
+from fedcrm.privacy import DistributedNoise, secure_generator
 from fedcrm.privacy.he import EncryptedUpdate, HEContext, HEError, decrypt, encrypt_update
 from fedcrm.privacy.keys import current_generation, load_secret_context
 from fedcrm.wire import (

@@ -1,7 +1,7 @@
 """User-level DP-SGD for the shared item tower of the recommender (one customer = one DP unit).
 
 DP-SGD (Abadi et al. 2016, arXiv:1607.00133) through the Opacus adapter
-(`fedcrm.privacy.dp_sgd.make_private`), with *users* as the rows that are Poisson-sampled,
+(`fedcrm.privacy.make_private`), with *users* as the rows that are Poisson-sampled,
 clipped and noised: each row holds one customer's most recent ``cap`` training interactions and
 their sampled negatives, and that customer's whole gradient on the item factors and biases is
 clipped to norm C before Gaussian noise is added (user-level DP-SGD, McMahan et al. 2018,
@@ -37,8 +37,7 @@ from fedcrm.data.interactions import NO_ITEM, Interactions, preceding_items
 from fedcrm.exceptions import ConfigError
 from fedcrm.models.rec_training import Loss, TrainMetrics, sample_training_negatives, train_branch
 from fedcrm.models.recommender import ItemTower, MatrixFactorisation
-from fedcrm.privacy.accounting import AccountingEvent
-from fedcrm.privacy.dp_sgd import make_private
+from fedcrm.privacy import AccountingEvent, make_private
 
 PADDING: Final = -1.0
 """Target value of the padding slots of a user row (they add nothing to the loss)."""

@@ -1,72 +1,103 @@
 """fedcrm.privacy: the public API of the subpackage.
 
-DP-SGD (the Opacus adapter), accountants and budgets, CKKS encryption (the TenSEAL adapter) and
-keys.
+Differential privacy (:mod:`fedcrm.privacy.dp`: DP-SGD through the Opacus adapter, accountants
+and budgets, branch-level central DP), CKKS encryption (:mod:`fedcrm.privacy.he`, the TenSEAL
+adapter) and key custody (:mod:`fedcrm.privacy.keys`).
 
-The names below are this subpackage's public API (what other subpackages, benchmarks and
-users import); they load on first use. Every other name is internal.
+The names below are what other subpackages, benchmarks and users import; :mod:`fedcrm.privacy.dp`
+and :mod:`fedcrm.privacy.he` list the rest of their own APIs.
 """
 
-from fedcrm._exports import lazy_exports
+from fedcrm.privacy.dp import (
+    CENTRAL_SAMPLE_RATE,
+    DPSGD_RUN_CONFIG_KEYS,
+    LEDGER_SCOPE,
+    OPACUS_VERSION,
+    AccountingEvent,
+    BranchAccountant,
+    BudgetDecision,
+    CentralAccountant,
+    CentralDPConfig,
+    CentralDPMode,
+    CentralNoisePlan,
+    DistributedNoise,
+    DPSGDConfig,
+    InsecureRNGWarning,
+    NoisePlan,
+    PrivacyReport,
+    PrivacyUnitName,
+    central_dp_toml,
+    flower_noise_multiplier,
+    make_private,
+    parse_central_dp,
+    plan_for_config,
+    plan_noise_multiplier,
+    poisson_sample_rate,
+    reseed_global_numpy,
+    secure_generator,
+    steps_per_epoch,
+)
+from fedcrm.privacy.he import (
+    ContextKindError,
+    EncryptedUpdate,
+    HEContext,
+    HEError,
+    SumEngine,
+    check_update,
+    decrypt,
+    encrypt_update,
+    sum_encrypted,
+)
+from fedcrm.privacy.keys import (
+    KeyGeneration,
+    app,
+    current_generation,
+    init_keys,
+    load_public_context,
+    load_secret_context,
+)
 
-_EXPORTS: dict[str, tuple[str, ...]] = {
-    "accounting": (
-        "AccountingEvent",
-        "BranchAccountant",
-        "NoisePlan",
-        "plan_for_config",
-        "plan_noise_multiplier",
-        "poisson_sample_rate",
-        "steps_per_epoch",
-    ),
-    "branch_accounting": (
-        "BranchLevelAccountant",
-        "BranchNoisePlan",
-        "CENTRAL_SAMPLE_RATE",
-        "CentralDPConfig",
-        "CentralDPMode",
-        "LEDGER_SCOPE",
-        "central_dp_toml",
-        "flower_noise_multiplier",
-        "parse_central_dp",
-        "reseed_global_numpy",
-    ),
-    "budget": ("BudgetDecision",),
-    "config": ("DPConfig",),
-    "distributed_dp": (
-        "DistributedNoise",
-        "secure_generator",
-    ),
-    "dp_sgd": (
-        "InsecureRNGWarning",
-        "OPACUS_VERSION",
-        "make_private",
-    ),
-    "federated": (
-        "FederatedDPConfig",
-        "PrivacyReport",
-        "PrivacyUnitName",
-        "RUN_CONFIG_KEYS",
-    ),
-    "he": (
-        "ContextKindError",
-        "EncryptedUpdate",
-        "HEContext",
-        "HEError",
-        "SumEngine",
-        "check_update",
-        "decrypt",
-        "encrypt_update",
-        "sum_encrypted",
-    ),
-    "keys": (
-        "KeyGeneration",
-        "app",
-        "current_generation",
-        "init_keys",
-        "load_public_context",
-        "load_secret_context",
-    ),
-}
-
-__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = [
+    "CENTRAL_SAMPLE_RATE",
+    "DPSGD_RUN_CONFIG_KEYS",
+    "LEDGER_SCOPE",
+    "OPACUS_VERSION",
+    "AccountingEvent",
+    "BranchAccountant",
+    "BudgetDecision",
+    "CentralAccountant",
+    "CentralDPConfig",
+    "CentralDPMode",
+    "CentralNoisePlan",
+    "ContextKindError",
+    "DPSGDConfig",
+    "DistributedNoise",
+    "EncryptedUpdate",
+    "HEContext",
+    "HEError",
+    "InsecureRNGWarning",
+    "KeyGeneration",
+    "NoisePlan",
+    "PrivacyReport",
+    "PrivacyUnitName",
+    "SumEngine",
+    "app",
+    "central_dp_toml",
+    "check_update",
+    "current_generation",
+    "decrypt",
+    "encrypt_update",
+    "flower_noise_multiplier",
+    "init_keys",
+    "load_public_context",
+    "load_secret_context",
+    "make_private",
+    "parse_central_dp",
+    "plan_for_config",
+    "plan_noise_multiplier",
+    "poisson_sample_rate",
+    "reseed_global_numpy",
+    "secure_generator",
+    "steps_per_epoch",
+    "sum_encrypted",
+]

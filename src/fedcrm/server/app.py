@@ -14,8 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
-from fedcrm.privacy.branch_accounting import CentralDPConfig
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import CentralDPConfig, DPSGDConfig
 from fedcrm.privacy.keys import load_public_context
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.loop import run_federation
@@ -103,7 +102,7 @@ def make_server_app(
     on_round: RoundCallback | None = None,
     results: list[FederationResult] | None = None,
     wiring: Wiring | None = None,
-    dp: FederatedDPConfig | None = None,
+    dp: DPSGDConfig | None = None,
     ledger_url: str | None = None,
     run_id: str | None = None,
     errors: list[FederationStopped] | None = None,
@@ -146,7 +145,7 @@ def make_server_app(
         config = cfg or FederationConfig.from_run_config(run_config)
         task = get_task(config.task)
         task_settings = settings or task.settings(run_config, where="run config", strict=False)
-        privacy = dp or FederatedDPConfig.from_run_config(
+        privacy = dp or DPSGDConfig.from_run_config(
             run_config, model=task.model_name, purpose=task.purpose
         )
         url = (privacy.ledger_url if privacy else None) or ledger_url or sqlite_url(DEFAULT_LEDGER)

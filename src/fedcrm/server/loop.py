@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedcrm import wire as k
 from fedcrm.compliance import PrivacyLedger, Purpose
 from fedcrm.exceptions import ConfigError, FedCrmError
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGDConfig
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.result import FederationResult, FederationStopped, RoundCallback, RoundRecord
 from fedcrm.server.run_audit import RunAudit
@@ -89,7 +89,7 @@ def run_federation(
     on_round: RoundCallback | None = None,
     wrap_strategy: StrategyWrapper | None = None,
     check_statistics: StatisticsCheck | None = None,
-    dp: FederatedDPConfig | None = None,
+    dp: DPSGDConfig | None = None,
     ledger: PrivacyLedger | None = None,
     run_id: str = "run",
     purpose: Purpose | None = None,

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcrm.exceptions import FedCrmError
-from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport
+from fedcrm.privacy import DPSGDConfig, PrivacyReport
 from fedcrm.server.consent_replies import ConsentRefusalEvent, ManifestEvent
 from fedcrm.strategies.validated import Rejection
 from fedcrm.tasks import Arrays
@@ -66,7 +66,7 @@ class FederationResult:
     best_round: int = 0
     rounds: list[RoundRecord] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
-    dp: FederatedDPConfig | None = None
+    dp: DPSGDConfig | None = None
     privacy: list[PrivacyEvent] = field(default_factory=list)
     manifests: list[ManifestEvent] = field(default_factory=list)
     consent_refusals: list[ConsentRefusalEvent] = field(default_factory=list)

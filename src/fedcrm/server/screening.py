@@ -30,7 +30,7 @@ from fedcrm.compliance import (
     SamplingMethod,
 )
 from fedcrm.exceptions import ConfigError, FedCrmError, InconsistentReplies
-from fedcrm.privacy.federated import PrivacyReport
+from fedcrm.privacy import PrivacyReport
 from fedcrm.server.consent_replies import (
     ConsentRefusalEvent,
     screen_consent_replies,

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedcrm import wire as k
 from fedcrm.compliance import PrivacyLedger, open_store
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
+from fedcrm.privacy import CentralDPConfig, CentralDPMode
 from fedcrm.privacy.he import HEContext
 from fedcrm.strategies.central_dp import CentralDPStrategy
 from fedcrm.strategies.distributed_dp import DistributedDPStrategy

@@ -30,9 +30,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import CentralDPConfig, central_dp_toml, parse_central_dp
-from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_RUN_CONFIG_KEYS
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import (
+    DPSGD_RUN_CONFIG_KEYS,
+    CentralDPConfig,
+    DPSGDConfig,
+    central_dp_toml,
+    parse_central_dp,
+)
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.wiring import AggregationConfig, check_plan
 from fedcrm.settings import from_mapping, keys, to_mapping
@@ -70,7 +74,7 @@ class ExperimentConfig:
     settings: Any
     seed: int = 42
     cpus_per_branch: float = 1.0
-    dp: FederatedDPConfig | None = None
+    dp: DPSGDConfig | None = None
     central_dp: CentralDPConfig | None = None
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     compliance: ConsentSetup | None = None
@@ -118,13 +122,13 @@ def _dp_toml_key(run_key: str) -> str:
     return run_key.removeprefix("dp-").removeprefix("privacy-")
 
 
-def parse_dp(section: Mapping[str, Any], task: Task[Any, Any]) -> FederatedDPConfig:
+def parse_dp(section: Mapping[str, Any], task: Task[Any, Any]) -> DPSGDConfig:
     """Build the run's DP-SGD settings from the ``[dp]`` table (the task's options removed).
 
     Raises:
         ConfigError: A key is unknown or a value is invalid (every problem listed).
     """
-    by_toml = {_dp_toml_key(key): key for key in DP_RUN_CONFIG_KEYS}
+    by_toml = {_dp_toml_key(key): key for key in DPSGD_RUN_CONFIG_KEYS}
     unknown = sorted(set(section) - set(by_toml))
     if unknown:
         allowed = sorted({*by_toml, *task.dp_keys})
@@ -132,7 +136,7 @@ def parse_dp(section: Mapping[str, Any], task: Task[Any, Any]) -> FederatedDPCon
     if "target-epsilon" not in section:
         raise ConfigError("[dp] needs target-epsilon (the per-branch epsilon after all rounds)")
     try:
-        dp = FederatedDPConfig.from_run_config(
+        dp = DPSGDConfig.from_run_config(
             {by_toml[key]: v for key, v in section.items()},
             model=task.model_name,
             purpose=task.purpose,

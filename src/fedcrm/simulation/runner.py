@@ -51,7 +51,7 @@ from fedcrm.client.he_mod import HEMod
 from fedcrm.client.secagg_client import secagg_mod
 from fedcrm.compliance import sqlite_url
 from fedcrm.exceptions import ConfigError, FedCrmError
-from fedcrm.privacy.branch_accounting import CentralDPMode
+from fedcrm.privacy import CentralDPMode
 from fedcrm.privacy.keys import KeyGeneration, init_keys, load_public_context, load_secret_context
 from fedcrm.server.app import make_server_app
 from fedcrm.server.result import FederationResult, FederationStopped, RoundRecord

@@ -1,41 +1,11 @@
 """Branch-level (central) DP through Flower's own DP wrappers, with fedcrm's accounting.
 
-Wrapping order inside the coordinator::
-
-    ValidatedStrategy            drops NaN / wrong-shape / unclipped replies (check_reply below)
-      CentralDPStrategy          budget check, CSPRNG reseed, equal weights, ledger, ε
-        DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping   Flower: clip + noise
-          FedAvg / FedProx       the plain weighted mean (its aggregate_train unchanged)
-
-What fedcrm adds around Flower's wrappers, and why:
-    * Accounting: Flower's fixed-clipping accountant refuses any strategy whose
-      ``aggregate_train`` is not FedAvg's, and its adaptive wrappers have none. fedcrm's
-      :class:`fedcrm.privacy.branch_accounting.BranchLevelAccountant` accounts for all four
-      variants, continues from the ledger's history and writes one ledger row per round
-      (privacy unit ``branch``, branch ``federation``).
-    * Exact sensitivity: Flower adds ``z C / m`` to the weighted mean; that is ``z C`` on the sum
-      only if the weights are equal and ``m`` is the number of updates averaged. The inner
-      strategy is therefore made to weight training replies by a constant
-      (``central-dp-weight`` = 1, set on the instance for the call, never by subclassing), and
-      ``num_sampled_clients`` is set to the number of replies that passed validation, every
-      round. Exactly-zero updates (Flower's clipping would divide by their norm) are left out
-      of Flower's call and the mean is rescaled to all replies, which gives the same noise.
-    * Adaptive clipping: Flower 1.41 updates the clipping norm before it adds the noise, so the
-      noise of round t is scaled by ``C_{t+1}`` while updates were clipped to ``C_t`` (too
-      little noise whenever ``C`` shrinks), and its update
-      ``C *= exp(-lr (clipped_fraction - quantile))`` uses the *clipped* fraction where Andrew
-      et al. use the unclipped one, which drives ``C`` to 0 or infinity. fedcrm patches the
-      wrapper instance (``_geometric_update``) to postpone the update until after the noise and
-      to apply Andrew et al.'s rule ``C *= exp(-lr ((1 - clipped_fraction) - quantile))`` to the
-      same noisy count.
-    * Client-side variants: the branch clips (``fixedclipping_mod`` / ``adaptiveclipping_mod``,
-      see :mod:`fedcrm.client.central_dp_mod`); the server still checks that every update's norm
-      is at most ``C`` (a branch that did not clip is left out) because the guarantee depends on
-      it.
-    * Randomness: NumPy's global generator, which Flower's noise comes from, is reseeded from
-      the OS CSPRNG right before each aggregation (see
-      :func:`fedcrm.privacy.branch_accounting.reseed_global_numpy` for the limits; Opacus's
-      ``secure_mode`` is unavailable because torchcsprng does not install).
+:class:`CentralDPStrategy` sits between reply validation and Flower's
+``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping``: it checks the budget,
+reseeds NumPy's generator from the OS CSPRNG, forces equal weights and the true reply count,
+fixes the order and rule of Flower's adaptive clipping, and writes one ledger row per round
+with ε from :class:`fedcrm.privacy.CentralAccountant`. The wrapping order and why each fix is
+needed: docs/privacy-analysis.md#flower-work-arounds.
 """
 
 import logging
@@ -69,14 +39,14 @@ from fedcrm.compliance import (
     SamplingMethod,
 )
 from fedcrm.exceptions import ConfigError, FedCrmError
-from fedcrm.privacy import dp_sgd
-from fedcrm.privacy.branch_accounting import (
+from fedcrm.privacy import (
     CENTRAL_SAMPLE_RATE,
     LEDGER_SCOPE,
-    BranchLevelAccountant,
-    BranchNoisePlan,
+    OPACUS_VERSION,
+    CentralAccountant,
     CentralDPConfig,
     CentralDPMode,
+    CentralNoisePlan,
     flower_noise_multiplier,
     reseed_global_numpy,
 )
@@ -117,7 +87,7 @@ class CentralDPSummary:
     """Branch-level DP of a run, for the summary and the report."""
 
     description: str
-    plan: BranchNoisePlan
+    plan: CentralNoisePlan
     rounds: list[CentralRound] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -134,7 +104,7 @@ class CentralDPSummary:
             "clipped_count_stddev": self.plan.clipped_count_stddev,
             "delta": self.plan.delta,
             "accountant": self.plan.accountant,
-            "library_version": f"opacus {dp_sgd.OPACUS_VERSION}",
+            "library_version": f"opacus {OPACUS_VERSION}",
             "planned_epsilon": self.plan.planned_epsilon,
             "epsilon": self.rounds[-1].epsilon if self.rounds else 0.0,
             "rounds": [r.__dict__ for r in self.rounds],
@@ -194,7 +164,7 @@ def branch_ledger_entry(
         steps=1,
         delta=config.delta,
         accountant=Accountant(config.accountant),
-        library_version=f"opacus {dp_sgd.OPACUS_VERSION}",
+        library_version=f"opacus {OPACUS_VERSION}",
         epsilon=epsilon,
         cumulative_epsilon=cumulative,
         decision=decision,
@@ -204,7 +174,7 @@ def branch_ledger_entry(
 
 
 def _flower_wrapper(
-    inner: Strategy, cfg: CentralDPConfig, plan: BranchNoisePlan
+    inner: Strategy, cfg: CentralDPConfig, plan: CentralNoisePlan
 ) -> FlowerDPWrapper:
     # num_sampled_clients is a placeholder: CentralDPStrategy sets it to the number of updates
     # aggregated, every round, before Flower computes the noise.
@@ -274,7 +244,7 @@ class CentralDPStrategy(Strategy):
 
     Raises:
         ConfigError: The inner strategy is not FedAvg's mean (FedAdam, a robust aggregator).
-        fedcrm.privacy.accounting.NoiseCalibrationError: The target ε cannot be reached.
+        fedcrm.privacy.dp.NoiseCalibrationError: The target ε cannot be reached.
     """
 
     def __init__(
@@ -307,7 +277,7 @@ class CentralDPStrategy(Strategy):
         self.ledger = ledger
         self.run_id = run_id
         history = ledger_history(ledger, config)
-        self.accountant = BranchLevelAccountant(
+        self.accountant = CentralAccountant(
             accountant=config.accountant, delta=config.delta, history=history
         )
         self.summary_data = CentralDPSummary(config.describe(), self.plan)
@@ -384,7 +354,7 @@ class CentralDPStrategy(Strategy):
                     self.ledger.append(
                         self._entry(
                             server_round,
-                            epsilon=BranchLevelAccountant(
+                            epsilon=CentralAccountant(
                                 accountant=self.config.accountant,
                                 delta=self.config.delta,
                                 history=[z],

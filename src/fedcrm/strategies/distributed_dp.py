@@ -1,23 +1,10 @@
 """Branch-level DP under HE (``[central-dp] mode = "distributed"``): budget, K_min, ledger.
 
-Wrapping order inside the coordinator::
-
-    ValidatedStrategy            defers to HEAggregation.check_reply (ciphertext envelopes)
-      DistributedDPStrategy      budget check, DP fields to branches, equal weights, ledger, ε
-        HEAggregation            sums ciphertexts; refuses a sum of fewer than K_min branches
-          FedAvg / FedProx       node sampling, round config, metric aggregation
-
-The branches clip and noise their own updates before encrypting (the order and the privacy
-argument are in :mod:`fedcrm.privacy.distributed_dp`); this wrapper tells them ``z``, ``C`` and
-``K_min`` in every train message's HE record, makes the sum equal-weighted (each reply counts 1,
-so the aggregate's public count is the number of branches ``K`` and the branches step by the
-mean of the noised clipped updates, unlike the ``n_k``-weighted HE mean), and accounts each
-released round as one Gaussian mechanism with noise multiplier ``z`` on sensitivity ``C``
-(privacy unit branch, add/remove one branch, ``q = 1``) with
-:class:`fedcrm.privacy.branch_accounting.BranchLevelAccountant`, writing one ledger row per round
-(branch ``federation``) as plaintext central DP does. A round whose sum would hold fewer than
-``K_min`` branches is not released: no checkpoint is stored or sent, nothing is spent, the
-ledger records a refusal, and the coordinator stops the run (the round has no usable update).
+:class:`DistributedDPStrategy` wraps :class:`~fedcrm.strategies.he.HEAggregation`: it sends the
+branches ``z``, ``C`` and ``K_min`` in every train message's HE record (they clip and noise
+their own updates before encrypting), makes the sum equal-weighted, refuses to release a sum of
+fewer than ``K_min`` branches, and accounts each released round as one Gaussian mechanism with
+:class:`fedcrm.privacy.CentralAccountant`. See docs/privacy-analysis.md#distributed-dp-under-he.
 """
 
 from __future__ import annotations
@@ -35,12 +22,7 @@ from fedcrm.compliance import (
     PrivacyLedger,
 )
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import (
-    BranchLevelAccountant,
-    CentralDPConfig,
-    CentralDPMode,
-)
-from fedcrm.privacy.distributed_dp import DistributedNoise
+from fedcrm.privacy import CentralAccountant, CentralDPConfig, CentralDPMode, DistributedNoise
 from fedcrm.strategies.central_dp import (
     WEIGHT_KEY,
     CentralBudgetExhausted,
@@ -71,7 +53,7 @@ class DistributedDPStrategy(Strategy):
 
     Raises:
         ConfigError: ``config.mode`` is not distributed, or ``min_honest`` < 1.
-        fedcrm.privacy.accounting.NoiseCalibrationError: The target ε cannot be reached.
+        fedcrm.privacy.dp.NoiseCalibrationError: The target ε cannot be reached.
     """
 
     def __init__(
@@ -96,7 +78,7 @@ class DistributedDPStrategy(Strategy):
         self.ledger = ledger
         self.run_id = run_id
         history = ledger_history(ledger, config)
-        self.accountant = BranchLevelAccountant(
+        self.accountant = CentralAccountant(
             accountant=config.accountant, delta=config.delta, history=history
         )
         self.summary_data = CentralDPSummary(self.describe(), self.plan)
@@ -138,7 +120,7 @@ class DistributedDPStrategy(Strategy):
         )
 
     def _round_epsilon(self) -> float:
-        return BranchLevelAccountant(
+        return CentralAccountant(
             accountant=self.config.accountant,
             delta=self.config.delta,
             history=[self.noise.noise_multiplier],

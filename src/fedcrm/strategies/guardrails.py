@@ -2,34 +2,9 @@
 
 One table, one function. Each refusal states the rule, why it cannot work and what to use
 instead. The simulation config calls :func:`check_combination` before anything runs, so a bad
-TOML fails in milliseconds rather than after Ray has started.
-
-Refused combinations::
-
-    mode        with                              why
-    he          robust aggregator                 Krum/median/trimmed mean read plaintext updates
-    he          server-side clipping / central DP the server cannot take a norm of a ciphertext
-    he          FedAdam / FedYogi / FedAdagrad    per-coordinate state needs the plaintext mean
-    he          SecAgg+                           two secure-aggregation layers, two Flower APIs
-    secagg      robust aggregator                 masked updates are uniformly random alone
-    secagg      server-side clipping / central DP the same: only the sum is ever unmasked
-    plain/any   robust aggregator + not FedAvg    Flower's robust strategies replace FedAvg
-    he/secagg   central DP (Flower's DP wrappers) the noise goes on the plaintext mean
-    plain/secagg distributed DP                   per-branch noise shares are too small alone
-    any         central DP + robust / FedAdam...  noise is added after the inner strategy
-
-Central DP under HE (the allowed form, ``[central-dp] mode = "distributed"``): every branch
-clips its own update to ``C`` and adds Gaussian noise of variance ``(z C)^2 / K_min`` before
-encrypting, in :class:`fedcrm.client.he_mod.HEMod`'s encrypt path, and the sum is
-equal-weighted, so the decrypted sum carries noise of std at least ``z C`` as long as ``K_min``
-of its branches are honest (distributed DP; Truex et al., "A Hybrid Approach to
-Privacy-Preserving Federated Learning", arXiv:1812.03224). The server
-(:class:`fedcrm.strategies.distributed_dp.DistributedDPStrategy`) accounts each round as one
-Gaussian mechanism with multiplier ``z`` (unit branch, add/remove one branch, ``q = 1``) and
-refuses to release a sum of fewer than ``K_min`` branches. It cannot verify the clipping or the
-noise on ciphertexts: the guarantee relies on the branches running the mod. The argument is in
-:mod:`fedcrm.privacy.distributed_dp`. Without HE the same shares would leave each individual
-update with only ``1 / sqrt(K_min)`` of the noise, so distributed mode is refused there.
+TOML fails in milliseconds rather than after Ray has started. The refused combinations, and why
+central DP under HE is allowed in its distributed form only, are in
+docs/privacy-analysis.md#valid-combinations.
 """
 
 from __future__ import annotations

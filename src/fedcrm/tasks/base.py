@@ -20,8 +20,7 @@ from flwr.app import MetricRecord, RecordDict
 from numpy.typing import NDArray
 
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.accounting import AccountingEvent, NoisePlan
-from fedcrm.privacy.config import DPConfig
+from fedcrm.privacy import AccountingEvent, DPSGDConfig, NoisePlan
 from fedcrm.settings import Value, from_mapping
 
 
@@ -286,7 +285,7 @@ class Task(ABC, Generic[SettingsT, DataT]):
         settings: SettingsT,
         ctx: RoundContext,
         *,
-        config: DPConfig,
+        config: DPSGDConfig,
         plan: NoisePlan,
     ) -> PrivateUpdate:
         """Train with DP-SGD, at most ``plan.steps_per_round`` noisy steps at σ of ``plan``."""

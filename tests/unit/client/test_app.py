@@ -15,7 +15,7 @@ from fedcrm.client.source import resolve_source
 from fedcrm.data.interactions import latest_items
 from fedcrm.data.schema import get_schema
 from fedcrm.exceptions import ErrorCode
-from fedcrm.privacy.federated import FederatedDPConfig, PrivacyReport
+from fedcrm.privacy import DPSGDConfig, PrivacyReport
 from fedcrm.settings import to_mapping
 from fedcrm.tasks import get_task
 from fedcrm.tasks.recommendation.task import load_arrays
@@ -149,10 +149,10 @@ def test_bad_settings_are_an_error_reply_naming_the_key(
     assert reason in reply.error.reason
 
 
-@pytest.mark.filterwarnings("ignore::fedcrm.privacy.dp_sgd.InsecureRNGWarning")
+@pytest.mark.filterwarnings("ignore::fedcrm.privacy.InsecureRNGWarning")
 def test_dp_train_reply_has_the_privacy_report_and_no_user_factors(rec: Federation) -> None:
     settings = replace(rec.settings, users_per_step=100, max_interactions_per_user=8)
-    dp = FederatedDPConfig(
+    dp = DPSGDConfig(
         target_epsilon=8.0, delta=1e-5, model="recommender", purpose="recommendation-training"
     )
     context = _context(rec)

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from conftest import TASK_IDS, Federation
 from fedcrm.client import dp_round
 from fedcrm.client.source import resolve_source
-from fedcrm.privacy.accounting import AccountantStateError, BranchAccountant
-from fedcrm.privacy.dp_sgd import InsecureRNGWarning
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import BranchAccountant, DPSGDConfig, InsecureRNGWarning
+from fedcrm.privacy.dp import AccountantStateError
 from fedcrm.tasks import RoundContext, Task, get_task
 from fedcrm.tasks.churn.branch import ChurnData
 
@@ -42,13 +41,13 @@ class Branch:
             folder=self.fed.branches / "000",
         )
 
-    def dp(self, **changes: Any) -> FederatedDPConfig:
+    def dp(self, **changes: Any) -> DPSGDConfig:
         values = {
             "target_epsilon": 3.0,
             "model": self.task.model_name,
             "purpose": self.task.purpose,
         }
-        return FederatedDPConfig(**{**values, **changes})
+        return DPSGDConfig(**{**values, **changes})
 
 
 @pytest.fixture
@@ -71,7 +70,7 @@ def _where(tmp_path: Path, key: bytes | None = None) -> dp_round.BranchPrivacy:
 def _round(
     b: Branch,
     where: dp_round.BranchPrivacy,
-    dp: FederatedDPConfig,
+    dp: DPSGDConfig,
     *,
     rounds: int = 3,
     state: RecordDict | None = None,

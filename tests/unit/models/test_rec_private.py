@@ -20,14 +20,14 @@ from fedcrm.models.rec_private import (
     user_rows,
 )
 from fedcrm.models.recommender import MatrixFactorisation
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGDConfig
 from fedcrm.tasks import RoundContext
 from fedcrm.tasks.recommendation.data import RecBranch
 from fedcrm.tasks.recommendation.settings import RecSettings
 from fedcrm.tasks.recommendation.task import RecommendationTask
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::fedcrm.privacy.dp_sgd.InsecureRNGWarning"),
+    pytest.mark.filterwarnings("ignore::fedcrm.privacy.InsecureRNGWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
 
@@ -120,7 +120,7 @@ def test_customer_round_past_the_budget_is_refused_and_trains_nothing(tmp_path: 
     """The task's customer-level round through the core's DP round (`private_round`)."""
     task = RecommendationTask()
     data = _rec_branch()
-    dp = FederatedDPConfig(
+    dp = DPSGDConfig(
         target_epsilon=2.0, delta=1e-5, grad_sample_mode="hooks", model="rec", purpose="p"
     )
     settings = RecSettings(

@@ -16,7 +16,7 @@ from fedcrm import wire as k
 from fedcrm.client import central_clipping_mod, make_client_app
 from fedcrm.compliance import Decision, PrivacyLedger, PrivacyUnit, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
+from fedcrm.privacy import CentralDPConfig, CentralDPMode
 from fedcrm.server import FederationResult, make_server_app
 from fedcrm.settings import to_mapping
 from fedcrm.tasks import get_task

@@ -6,10 +6,9 @@ from typing import Any
 
 import pytest
 
-from fedcrm.privacy.branch_accounting import RUN_KEYS as CENTRAL_DP_KEYS
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
-from fedcrm.privacy.federated import RUN_CONFIG_KEYS as DP_KEYS
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGD_RUN_CONFIG_KEYS as DP_KEYS
+from fedcrm.privacy import CentralDPConfig, CentralDPMode, DPSGDConfig
+from fedcrm.privacy.dp._central_config import RUN_KEYS as CENTRAL_DP_KEYS
 from fedcrm.server import AggregationConfig, ComplianceConfig, FederationConfig
 from fedcrm.server.run_audit import RUN_CONFIG_AUDIT_URL, RUN_CONFIG_PURPOSE
 from fedcrm.server.wiring import KEY_HE_CHECKPOINT_DIR, KEY_HE_PUBLIC_CONTEXT
@@ -50,13 +49,13 @@ def test_the_federation_and_every_task_read_their_defaults(declared: dict[str, A
 
 def test_dp_and_compliance_keys_are_off_by_default(declared: dict[str, Any]) -> None:
     """Every key the ServerApp reads is declared, so ``flwr run --run-config`` may set it."""
-    assert FederatedDPConfig.from_run_config(declared) is None  # no DP unless asked for
+    assert DPSGDConfig.from_run_config(declared) is None  # no DP unless asked for
     # The declared values are the DP defaults: asking for a target changes only the target,
     # and the budget's model and purpose are the run's task's.
-    chosen = FederatedDPConfig.from_run_config(
+    chosen = DPSGDConfig.from_run_config(
         {**declared, "dp-target-epsilon": 3.0}, model="recommender", purpose="p"
     )
-    assert chosen == FederatedDPConfig(target_epsilon=3.0, model="recommender", purpose="p")
+    assert chosen == DPSGDConfig(target_epsilon=3.0, model="recommender", purpose="p")
     assert ComplianceConfig.from_run_config(declared) == ComplianceConfig()  # no gate, no trail
     gated = {**declared, RUN_CONFIG_PURPOSE: "churn-model-training", RUN_CONFIG_AUDIT_URL: "x"}
     assert ComplianceConfig.from_run_config(gated).audit_url == "x"

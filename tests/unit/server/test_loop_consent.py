@@ -26,8 +26,7 @@ from fedcrm.compliance.audit import AuditLog
 from fedcrm.compliance.consent import CSV_REQUIRED_COLUMNS
 from fedcrm.compliance.lineage import LineageStore, customer_lineage
 from fedcrm.compliance.manifest import ManifestArchive, RefusalCode
-from fedcrm.privacy.dp_sgd import InsecureRNGWarning
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGDConfig, InsecureRNGWarning
 from fedcrm.server import FederationConfig, FederationStopped, RoundRecord, RunAudit, run_federation
 from fedcrm.tasks import get_task
 
@@ -203,7 +202,7 @@ def test_dp_run_with_gate_logs_ledger_entries(gated: dict[str, Any], tmp_path: P
     cfg = FederationConfig(**{**fed.federation.__dict__, "num_rounds": 1})
     ledger = PrivacyLedger(open_store(sqlite_url(tmp_path / "ledger.db")))
     audit = RunAudit(gated["url"], "run-dp")
-    dp = FederatedDPConfig(
+    dp = DPSGDConfig(
         target_epsilon=3.0, noise_multiplier=2.0, model=task.model_name, purpose=task.purpose
     )
     with pytest.warns(InsecureRNGWarning):

@@ -14,9 +14,8 @@ from conftest import TASK_IDS, Federation
 from fedcrm import wire as k
 from fedcrm.compliance import Decision, PrivacyLedger, PrivacyUnit, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError, ErrorCode
-from fedcrm.privacy.accounting import AccountantStateError, BranchAccountant
-from fedcrm.privacy.dp_sgd import InsecureRNGWarning
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import BranchAccountant, DPSGDConfig, InsecureRNGWarning
+from fedcrm.privacy.dp import AccountantStateError
 from fedcrm.server import FederationConfig, FederationResult, FederationStopped, run_federation
 from fedcrm.strategies import StrategyName
 from fedcrm.tasks import get_task
@@ -24,9 +23,9 @@ from fedcrm.tasks import get_task
 parametrize_tasks = pytest.mark.parametrize("task_name", TASK_IDS)
 
 
-def _dp(fed: Federation) -> FederatedDPConfig:
+def _dp(fed: Federation) -> DPSGDConfig:
     task = get_task(fed.federation.task)
-    return FederatedDPConfig(target_epsilon=3.0, model=task.model_name, purpose=task.purpose)
+    return DPSGDConfig(target_epsilon=3.0, model=task.model_name, purpose=task.purpose)
 
 
 def _ledger(path: Path) -> PrivacyLedger:

@@ -20,8 +20,7 @@ from conftest import TASK_IDS, Federation, build_federation, small_experiment
 from fedcrm import wire as k
 from fedcrm.client import HEMod, make_client_app
 from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
-from fedcrm.privacy.dp_sgd import InsecureRNGWarning
-from fedcrm.privacy.federated import FederatedDPConfig
+from fedcrm.privacy import DPSGDConfig, InsecureRNGWarning
 from fedcrm.privacy.he import EncryptedUpdate
 from fedcrm.privacy.keys import KeyGeneration, init_keys, load_public_context, load_secret_context
 from fedcrm.server import AggregationConfig, FederationResult, Wiring, run_federation
@@ -200,9 +199,7 @@ def test_he_server_refuses_a_reply_with_plaintext_arrays(
 @parametrize_tasks
 def test_he_with_dp_sgd(federation: Federation, keys: KeyGeneration, tmp_path: Path) -> None:
     task = get_task(federation.federation.task)
-    dp = FederatedDPConfig(
-        target_epsilon=4.0, delta=1e-5, model=task.model_name, purpose=task.purpose
-    )
+    dp = DPSGDConfig(target_epsilon=4.0, delta=1e-5, model=task.model_name, purpose=task.purpose)
     ledger = PrivacyLedger(open_store(sqlite_url(tmp_path / "ledger.db")))
     with pytest.warns(InsecureRNGWarning):
         result, grid, wiring = _run(federation, keys, dp=dp, ledger=ledger, run_id="r1")

@@ -13,8 +13,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Krum
 
 from fedcrm.compliance import sqlite_url
 from fedcrm.exceptions import ConfigError, FedCrmError
-from fedcrm.privacy import keys
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
+from fedcrm.privacy import CentralDPConfig, CentralDPMode, keys
 from fedcrm.server import (
     AggregationConfig,
     FederationConfig,

@@ -20,7 +20,7 @@ from fedcrm.compliance import (
     sqlite_url,
 )
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
+from fedcrm.privacy import CentralDPConfig, CentralDPMode
 from fedcrm.simulation.config import parse_experiment
 from fedcrm.strategies.central_dp import CentralBudgetExhausted, CentralDPStrategy
 from fedcrm.strategies.validated import ValidatedStrategy

@@ -14,9 +14,8 @@ from fedcrm import wire
 from fedcrm.client.he_mod import HEMod
 from fedcrm.compliance import Decision, PrivacyLedger, PrivacyUnit, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy import he, keys
-from fedcrm.privacy.branch_accounting import CentralDPConfig, CentralDPMode
-from fedcrm.privacy.distributed_dp import DistributedNoise, clip_to_norm
+from fedcrm.privacy import CentralDPConfig, CentralDPMode, DistributedNoise, he, keys
+from fedcrm.privacy.dp import clip_to_norm
 from fedcrm.simulation import parse_experiment, run_experiment
 from fedcrm.strategies import he as hs
 from fedcrm.strategies.distributed_dp import DistributedDPStrategy

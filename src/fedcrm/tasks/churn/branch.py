@@ -28,9 +28,7 @@ from fedcrm.models.churn import (
     train_local,
 )
 from fedcrm.models.metrics import ScoreHistogram, log_loss_sum
-from fedcrm.privacy.accounting import AccountingEvent, NoisePlan
-from fedcrm.privacy.config import DPConfig
-from fedcrm.privacy.dp_sgd import make_private
+from fedcrm.privacy import AccountingEvent, DPSGDConfig, NoisePlan, make_private
 
 EXPORT_FILE: Final = "export.parquet"
 """A simulated branch's pseudonymised export, in its folder ``branches/NNN/``."""
@@ -142,13 +140,13 @@ def train_private(
     global_state: dict[str, torch.Tensor],
     settings: TrainSettings,
     *,
-    dp: DPConfig,
+    dp: DPSGDConfig,
     plan: NoisePlan,
     seed: int | None = None,
 ) -> PrivateTrainOutcome:
     """Train the global model on the branch's training rows with record-level DP-SGD.
 
-    DP-SGD (Abadi et al. 2016, arXiv:1607.00133) through :func:`fedcrm.privacy.dp_sgd.make_private`:
+    DP-SGD (Abadi et al. 2016, arXiv:1607.00133) through :func:`fedcrm.privacy.make_private`:
     Poisson batches at rate ``plan.sample_rate``, per-example clipping to ``dp.max_grad_norm``,
     Gaussian noise ``plan.noise_multiplier * C``, at most ``plan.steps_per_round`` steps (the
     number the budget check admitted). The local optimiser (SGD with momentum or Adam) only
@@ -161,8 +159,9 @@ def train_private(
         scaler: The federated scaler.
         global_state: The global model.
         settings: Local optimisation settings (epochs, batch size, lr, optimiser).
-        dp: The branch's DP configuration (its batch size must equal ``settings.batch_size``).
-        plan: The noise planned once for the federation.
+        dp: The run's DP-SGD settings (clipping norm, per-sample gradient mode).
+        plan: The branch's noise, planned once for the federation (its batch size must equal
+            ``settings.batch_size``).
         seed: Noise and sampling seed for reproducible experiments; ``None`` (deployment)
             seeds from the OS CSPRNG.
     """
@@ -170,7 +169,7 @@ def train_private(
     model = model_from_state(global_state)
     optimizer = make_optimizer(model, settings)
     loader = DataLoader(
-        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=dp.batch_size
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=plan.batch_size
     )
     model.train()
     with make_private(
@@ -180,12 +179,11 @@ def train_private(
         criterion=nn.BCEWithLogitsLoss(),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=dp.poisson_sampling,
         grad_sample_mode=dp.grad_sample_mode,
         max_steps=plan.steps_per_round,
         seed=seed,
     ) as private:
-        for _ in range(dp.local_epochs):
+        for _ in range(plan.local_epochs):
             private.train_epoch()
         event = private.event()
         trained = private.close()

@@ -14,8 +14,7 @@ from fedcrm.data.preprocess import Moments, Scaler, combine_moments
 from fedcrm.data.schema import get_schema
 from fedcrm.exceptions import ConfigError, InconsistentReplies
 from fedcrm.models.churn import build_model, model_from_state
-from fedcrm.privacy.accounting import NoisePlan
-from fedcrm.privacy.config import DPConfig
+from fedcrm.privacy import DPSGDConfig, NoisePlan
 from fedcrm.settings import Value
 from fedcrm.tasks.base import (
     Arrays,
@@ -172,7 +171,7 @@ class ChurnTask(Task[ChurnSettings, ChurnData]):
         settings: ChurnSettings,
         ctx: RoundContext,
         *,
-        config: DPConfig,
+        config: DPSGDConfig,
         plan: NoisePlan,
     ) -> PrivateUpdate:
         """Record-level DP-SGD (FedProx's proximal term is not clipped: refused with DP)."""

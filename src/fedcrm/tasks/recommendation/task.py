@@ -32,8 +32,7 @@ from fedcrm.models.recommender import (
     local_state,
     shared_state,
 )
-from fedcrm.privacy.accounting import NoisePlan
-from fedcrm.privacy.config import DPConfig
+from fedcrm.privacy import DPSGDConfig, NoisePlan
 from fedcrm.tasks.base import (
     Arrays,
     BranchSource,
@@ -208,7 +207,7 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
         settings: RecSettings,
         ctx: RoundContext,
         *,
-        config: DPConfig,
+        config: DPSGDConfig,
         plan: NoisePlan,
     ) -> PrivateUpdate:
         """Fit the user factors locally, then customer-level DP-SGD on the item tower.
@@ -233,7 +232,7 @@ class RecommendationTask(Task[RecSettings, RecBranch]):
             model,
             rows,
             lr=DP_LR,
-            batch_size=config.batch_size,
+            batch_size=plan.batch_size,
             epochs=settings.local_epochs,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.max_grad_norm,

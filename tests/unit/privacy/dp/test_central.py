@@ -1,4 +1,4 @@
-"""Branch-level accounting: monotone ε, recomputation, planning, adaptive clipping, config."""
+"""Branch-level (central) DP: monotone ε, recomputation, planning, adaptive clipping, config."""
 
 import math
 
@@ -9,21 +9,21 @@ from hypothesis import strategies as st
 
 from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.accounting import AccountingEvent, compute_epsilon, recompute_check
-from fedcrm.privacy.branch_accounting import (
+from fedcrm.privacy.dp import (
     CENTRAL_SAMPLE_RATE,
-    RUN_CONFIG_PREFIX,
-    RUN_KEYS,
-    TOML_KEYS,
-    BranchLevelAccountant,
+    AccountingEvent,
+    CentralAccountant,
     CentralDPConfig,
     CentralDPMode,
+    compute_epsilon,
     effective_noise_multiplier,
     flower_noise_multiplier,
     parse_central_dp,
+    recompute_check,
     reseed_global_numpy,
     update_noise_for,
 )
+from fedcrm.privacy.dp._central_config import RUN_CONFIG_PREFIX, RUN_KEYS, TOML_KEYS
 
 DELTA = 1e-5
 
@@ -31,7 +31,7 @@ DELTA = 1e-5
 @settings(max_examples=10, deadline=None)
 @given(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.5, 8.0]), min_size=1, max_size=6))
 def test_epsilon_never_decreases_across_rounds(sigmas: list[float]) -> None:
-    accountant = BranchLevelAccountant(accountant="rdp", delta=DELTA)
+    accountant = CentralAccountant(accountant="rdp", delta=DELTA)
     last = 0.0
     for sigma in sigmas:
         alone, cumulative = accountant.record(sigma)
@@ -42,7 +42,7 @@ def test_epsilon_never_decreases_across_rounds(sigmas: list[float]) -> None:
 
 
 def test_recompute_from_stored_events_prv_not_above_rdp() -> None:
-    accountant = BranchLevelAccountant(accountant="rdp", delta=DELTA)
+    accountant = CentralAccountant(accountant="rdp", delta=DELTA)
     for sigma in (3.0, 3.0, 2.5, 4.0):
         _, cumulative = accountant.record(sigma)
     report = recompute_check(
@@ -52,7 +52,7 @@ def test_recompute_from_stored_events_prv_not_above_rdp() -> None:
     assert report.prv_le_rdp
     assert report.prv_epsilon < report.rdp_epsilon
     # A second accountant built from the stored σ's only (as the ledger keeps them) agrees.
-    again = BranchLevelAccountant(
+    again = CentralAccountant(
         accountant="rdp", delta=DELTA, history=[e.noise_multiplier for e in accountant.events]
     )
     assert again.epsilon() == pytest.approx(cumulative, abs=1e-9)
@@ -85,9 +85,9 @@ def test_planned_noise_gives_total_epsilon_at_most_target(target: float, account
 
 def test_adaptive_accounting_is_worse_than_fixed_at_equal_noise() -> None:
     z = 2.0
-    fixed = BranchLevelAccountant(accountant="rdp", delta=DELTA, history=[z] * 10)
+    fixed = CentralAccountant(accountant="rdp", delta=DELTA, history=[z] * 10)
     z_eff = effective_noise_multiplier(z, clipped_count_stddev=4.0)
-    adaptive = BranchLevelAccountant(accountant="rdp", delta=DELTA, history=[z_eff] * 10)
+    adaptive = CentralAccountant(accountant="rdp", delta=DELTA, history=[z_eff] * 10)
     assert z_eff < z
     assert adaptive.epsilon() > fixed.epsilon()
 
@@ -148,7 +148,7 @@ def test_bad_config_is_a_clear_config_error(table: dict[str, object], match: str
 
 def test_accountant_rejects_bad_delta() -> None:
     with pytest.raises(Exception, match="0 < delta < 1"):
-        BranchLevelAccountant(accountant="rdp", delta=0.0)
+        CentralAccountant(accountant="rdp", delta=0.0)
 
 
 # -- run config (the deployed ServerApp) ---------------------------------------------------------

@@ -1,14 +1,10 @@
 """Privacy budgets: the admit/refuse decision taken before every local round.
 
-Pure functions and dataclasses (no torch, no Opacus): the decision compares the ε a branch has
-spent, and the ε it would have spent after the proposed round, with its budget. The numbers come
-from :class:`fedcrm.privacy.accounting.BranchAccountant`.
-
-Notes:
-    A refusal is a value, not an exception: the client turns it into an error reply with the
-    reason, and the server records it and carries on with the other branches (convention 4: no
-    exceptions across the network boundary). Code that must not continue calls
-    :meth:`BudgetDecision.raise_if_refused`.
+Pure functions and dataclasses: the decision compares the ε a branch has spent, and the ε it
+would have spent after the proposed round, with its budget (the figures come from
+:class:`fedcrm.privacy.dp.BranchAccountant`). A refusal is a value, not an exception: the
+client turns it into a structured reply (no exceptions across the network boundary); code
+that must not continue calls :meth:`BudgetDecision.raise_if_refused`.
 """
 
 import math

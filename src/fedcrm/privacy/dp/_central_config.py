@@ -1,90 +1,30 @@
-"""Branch-level (central) DP: settings, noise planning and the federation's accountant.
+"""Branch-level (central) DP settings of a run: the ``[central-dp]`` table, parsed and planned.
 
-Central DP protects a whole branch: every round the server (or each branch, in the client-side
-variants) clips every branch's model update to L2 norm ``C``, and the server adds Gaussian noise
-to their sum, so that the released model changes little whether or not one branch's data took
-part (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models",
-arXiv:1710.06963; Geyer et al. 2017, arXiv:1712.07557). The noise is added by Flower's own
-wrappers (``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping``, see
-:mod:`fedcrm.strategies.central_dp`); this module only does the arithmetic.
-
-Mechanism and neighbouring relation, stated precisely:
-    * Privacy unit: one branch (all of its customers' rows at once).
-    * Neighbours: add/remove one branch's whole data, with the set of participating branches
-      public. Removing a branch's data replaces its contribution by the null contribution: a
-      zero update and, under adaptive clipping, a clipped-bit of 0 ("zero-out" neighbours,
-      Kairouz et al. 2021, arXiv:2103.00039). The number of replies in a round is public (the
-      server divides the noised sum by it).
-    * Per round: the Gaussian mechanism on the sum of clipped updates, L2 sensitivity ``C``,
-      noise standard deviation ``z_update * C`` (Flower adds ``z_update * C / m`` to the mean of
-      ``m`` updates; fedcrm sets ``m`` to the number actually aggregated and forces equal
-      weights, so this is exact).
-    * Sampling: Flower picks branches by fixed-size sampling without replacement, not Poisson
-      sampling, and fedcrm claims no amplification: sampling rate ``q = 1``, one noisy release
-      per round (ledger: sampling method ``none``, ``steps = 1``). A branch that is not sampled
-      in a round spends nothing in it; the ledger records the federation's worst case (every
-      round counted), an upper bound for every branch.
-    * Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
-      Clipping", arXiv:1905.03871) also releases the count of clipped updates with Gaussian
-      noise ``sigma_b``. Andrew et al. sum centred bits ``b - 1/2`` (sensitivity 1/2), so the
-      pair is a Gaussian mechanism with ``z = (z_update^-2 + (2 sigma_b)^-2)^-1/2``, and
-      ``z_update = (z^-2 - (2 sigma_b)^-2)^-1/2`` is what Flower computes from ``z``. Flower
-      however counts uncentred bits ``b`` in {0, 1}: sensitivity 1 under the relation above, so
-      the round is a Gaussian mechanism with the *smaller* effective multiplier
-      ``z_eff = (z_update^-2 + sigma_b^-2)^-1/2``. fedcrm accounts with ``z_eff`` (and plans
-      ``z_update`` from a target ``z_eff``); trusting Flower's ``z`` would understate ε.
-      Composition of Gaussian mechanisms is again Gaussian (RDP orders add, Gaussian
-      differential privacy μ's add in quadrature), so one event with ``z_eff`` is exact.
-
-Accounting: each round is one event ``(z_eff, q = 1, steps = 1)`` composed by
-:func:`fedcrm.privacy.accounting.compute_epsilon` (Opacus's RDP accountant, Mironov 2017,
-or PRV, Gopi et al. 2021, through the Opacus adapter :mod:`fedcrm.privacy.dp_sgd`). The
-accountant's history lives in the privacy ledger itself (one row per round, branch
-``federation``), so a run continues the ε of earlier runs and any entry can be recomputed.
-
-Not covered: the training metrics branches report (loss, example counts) and the evaluation
-aggregates are released without noise, like the federated scaler's moments.
-
-Randomness: Flower's wrappers draw noise from NumPy's global generator (``np.random.normal``),
-not a CSPRNG. fedcrm reseeds that generator with 256 bits from the OS CSPRNG (``secrets``)
-right before every aggregation (:func:`reseed_global_numpy`), so the noise cannot be
-predicted from earlier runs or outputs; the generator itself (MT19937) is not cryptographic,
-and floating-point attacks on Gaussian sampling (Mironov 2012) are not mitigated. Opacus's
-``secure_mode`` cannot help: it needs ``torchcsprng``, which does not install with this torch
-and Python.
+:class:`CentralDPConfig` says which Flower wrapper clips (or, under HE, that the branches clip
+and noise), the target ε or a fixed multiplier, δ and the budget; :meth:`CentralDPConfig.plan`
+fixes every round's noise before the first. See docs/privacy-analysis.md#branch-level-central-dp.
 """
 
 import math
-import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-import numpy as np
-
 from fedcrm import wire as k
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy.accounting import (
-    AccountingError,
-    AccountingEvent,
-    compute_epsilon,
-    plan_noise_multiplier,
+from fedcrm.privacy.dp._analysis import AccountingEvent, compute_epsilon, plan_noise_multiplier
+from fedcrm.privacy.dp._central import (
+    CENTRAL_SAMPLE_RATE,
+    DEFAULT_COUNT_STDDEV_FACTOR,
+    CentralNoisePlan,
+    update_noise_for,
 )
-from fedcrm.privacy.config import ACCOUNTANTS, AccountantName
+from fedcrm.privacy.dp._config import ACCOUNTANTS, AccountantName
 
-CENTRAL_SAMPLE_RATE: Final = 1.0
-"""No amplification by sampling is claimed (Flower samples branches without Poisson sampling)."""
-COUNT_SENSITIVITY: Final = 1.0
-"""Sensitivity of Flower's clipped count (uncentred bits) under add/remove-one-branch."""
-LEDGER_SCOPE: Final = "federation"
-"""The ledger's ``branch`` value of branch-level entries: the bound holds for every branch."""
 DEFAULT_DELTA: Final = 1e-5
 RUN_CONFIG_PREFIX: Final = "central-dp-"
 """Run-config keys (``flwr run --run-config``) are the ``[central-dp]`` keys with this prefix."""
-DEFAULT_COUNT_STDDEV_FACTOR: Final = 2.0
-"""Default ``sigma_b = 2 * z_eff``: the update noise then grows by 15 % (Andrew et al.'s
-``m / 20`` needs hundreds of branches per round to be usable)."""
 
 
 class CentralDPMode(StrEnum):
@@ -101,7 +41,7 @@ class CentralDPMode(StrEnum):
     """``DifferentialPrivacyClientSideAdaptiveClipping`` + ``adaptiveclipping_mod``."""
     DISTRIBUTED = "distributed"
     """Under HE only: each branch clips to ``C`` and adds its share of the noise before
-    encrypting (:mod:`fedcrm.privacy.distributed_dp`); the server only sums ciphertexts."""
+    encrypting (:class:`fedcrm.privacy.dp.DistributedNoise`); the server only sums ciphertexts."""
 
     @property
     def adaptive(self) -> bool:
@@ -116,85 +56,6 @@ class CentralDPMode(StrEnum):
 
 def _real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def effective_noise_multiplier(update_noise: float, clipped_count_stddev: float | None) -> float:
-    """The one Gaussian mechanism equal to a round's releases (``z_eff``).
-
-    Args:
-        update_noise: ``z_update``, noise standard deviation on the sum divided by ``C``.
-        clipped_count_stddev: ``sigma_b`` of the noisy clipped count, ``None`` without adaptive
-            clipping.
-
-    Returns:
-        ``z_update`` for fixed clipping, ``(z_update^-2 + (sigma_b / 1)^-2)^-1/2`` for adaptive
-        clipping (the count has sensitivity :data:`COUNT_SENSITIVITY`).
-    """
-    if clipped_count_stddev is None:
-        return update_noise
-    count_multiplier = clipped_count_stddev / COUNT_SENSITIVITY
-    return float((update_noise**-2 + count_multiplier**-2) ** -0.5)
-
-
-def update_noise_for(effective: float, clipped_count_stddev: float) -> float:
-    """``z_update`` such that :func:`effective_noise_multiplier` gives ``effective``.
-
-    Raises:
-        ConfigError: ``sigma_b <= z_eff`` (the count alone would already spend the budget).
-    """
-    count_multiplier = clipped_count_stddev / COUNT_SENSITIVITY
-    if count_multiplier <= effective:
-        raise ConfigError(
-            f"clipped-count-stddev ({clipped_count_stddev:g}) must exceed the effective noise "
-            f"multiplier ({effective:g}): the noisy clipped count alone would spend the round's "
-            "budget; raise clipped-count-stddev (default 2 x the multiplier)"
-        )
-    return float((effective**-2 - count_multiplier**-2) ** -0.5)
-
-
-def flower_noise_multiplier(update_noise: float, clipped_count_stddev: float) -> float:
-    """The ``noise_multiplier`` to give Flower's adaptive wrappers so they add ``update_noise``.
-
-    Flower turns its argument ``z`` into ``z_update = (z^-2 - (2 sigma_b)^-2)^-1/2`` (Andrew et
-    al.'s centred-bit calibration); this inverts that.
-    """
-    return float((update_noise**-2 + (2.0 * clipped_count_stddev) ** -2) ** -0.5)
-
-
-@dataclass(frozen=True, slots=True)
-class BranchNoisePlan:
-    """The noise of every round of one run, fixed before the first round.
-
-    Attributes:
-        effective_noise_multiplier: ``z_eff`` of one round (what the accountant composes).
-        update_noise_multiplier: ``z_update``: noise on the sum of clipped updates over ``C``.
-        clipped_count_stddev: ``sigma_b`` (adaptive clipping only).
-        rounds: Planned rounds.
-        planned_epsilon: ε of all planned rounds of this run alone.
-        delta: δ of ``planned_epsilon``.
-        accountant: The accountant that computed it.
-    """
-
-    effective_noise_multiplier: float
-    update_noise_multiplier: float
-    clipped_count_stddev: float | None
-    rounds: int
-    planned_epsilon: float
-    delta: float
-    accountant: AccountantName
-
-    def describe(self) -> str:
-        """One line for logs and reports."""
-        count = (
-            ""
-            if self.clipped_count_stddev is None
-            else f", clipped-count noise sigma_b {self.clipped_count_stddev:.4g}"
-        )
-        return (
-            f"noise multiplier on the update sum {self.update_noise_multiplier:.4g}{count}, "
-            f"effective {self.effective_noise_multiplier:.4g}; epsilon {self.planned_epsilon:.4g}"
-            f" after {self.rounds} rounds at delta {self.delta:g} ({self.accountant.upper()})"
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -362,12 +223,12 @@ class CentralDPConfig:
         """The ε budget of the federation for (model, purpose), if any."""
         return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
 
-    def plan(self, rounds: int) -> BranchNoisePlan:
+    def plan(self, rounds: int) -> CentralNoisePlan:
         """Plan the run's noise so that ε after ``rounds`` rounds is <= the target.
 
         Raises:
             ConfigError: ``rounds`` < 1, or σ_b is too small for the planned multiplier.
-            fedcrm.privacy.accounting.NoiseCalibrationError: The target cannot be reached.
+            fedcrm.privacy.dp.NoiseCalibrationError: The target cannot be reached.
         """
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ConfigError(f"rounds must be an integer >= 1, got {rounds!r}")
@@ -396,7 +257,7 @@ class CentralDPConfig:
             delta=self.delta,
             accountant=self.accountant,
         )
-        return BranchNoisePlan(
+        return CentralNoisePlan(
             effective_noise_multiplier=effective,
             update_noise_multiplier=update,
             clipped_count_stddev=count,
@@ -495,64 +356,3 @@ def central_dp_toml(cfg: CentralDPConfig) -> dict[str, float | str]:
         if value is not None:
             out[key] = str(value) if isinstance(value, StrEnum) else value
     return out
-
-
-class BranchLevelAccountant:
-    """The federation's branch-level accountant: one Gaussian event ``(z_eff, 1, 1)`` a round.
-
-    Args:
-        accountant: ``"rdp"`` or ``"prv"``.
-        delta: δ of every ε it reports.
-        history: Effective noise multipliers of rounds already released (e.g. from the
-            ledger), oldest first.
-
-    Raises:
-        AccountingError: An argument is invalid.
-
-    Notes:
-        The history only grows, and every event has ``z_eff > 0``, so ε never decreases.
-    """
-
-    def __init__(
-        self, *, accountant: AccountantName, delta: float, history: Iterable[float] = ()
-    ) -> None:
-        if accountant not in ACCOUNTANTS:
-            raise AccountingError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-        if not (_real(delta) and 0 < delta < 1):
-            raise AccountingError(f"delta must satisfy 0 < delta < 1, got {delta!r}")
-        self.accountant: AccountantName = accountant
-        self.delta = float(delta)
-        self._events = [AccountingEvent(z, CENTRAL_SAMPLE_RATE, 1) for z in history]
-
-    @property
-    def events(self) -> tuple[AccountingEvent, ...]:
-        """Every round's event, oldest first."""
-        return tuple(self._events)
-
-    def epsilon(self) -> float:
-        """Cumulative ε over every recorded round."""
-        return compute_epsilon(self._events, delta=self.delta, accountant=self.accountant)
-
-    def projected_epsilon(self, effective_noise_multiplier: float) -> float:
-        """Cumulative ε after one more round with ``z_eff``, without recording it."""
-        event = AccountingEvent(effective_noise_multiplier, CENTRAL_SAMPLE_RATE, 1)
-        return compute_epsilon([*self._events, event], delta=self.delta, accountant=self.accountant)
-
-    def record(self, effective_noise_multiplier: float) -> tuple[float, float]:
-        """Record one released round; return ``(ε of this round alone, cumulative ε)``."""
-        event = AccountingEvent(effective_noise_multiplier, CENTRAL_SAMPLE_RATE, 1)
-        before = self.epsilon()
-        self._events.append(event)
-        after = self.epsilon()
-        alone = compute_epsilon([event], delta=self.delta, accountant=self.accountant)
-        return alone, max(after, before)
-
-
-def reseed_global_numpy() -> None:
-    """Reseed NumPy's global generator with 256 bits from the OS CSPRNG.
-
-    Flower's DP wrappers draw their Gaussian noise (and the adaptive clipped-count noise) from
-    ``np.random``; calling this right before each aggregation makes that noise unpredictable.
-    See the module's notes for what it does not give (a cryptographic generator).
-    """
-    np.random.seed(np.frombuffer(secrets.token_bytes(32), dtype=np.uint32))

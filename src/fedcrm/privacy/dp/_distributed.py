@@ -1,48 +1,10 @@
-"""Distributed branch-level DP under HE: each branch clips and noises its own update.
+"""Distributed branch-level DP under HE: each branch clips its update and adds a noise share.
 
-Under ``[aggregation] mode = "he"`` the server only adds ciphertexts, so it can neither clip an
-update nor add noise to the plaintext sum. With ``[central-dp] mode = "distributed"`` every
-branch does both before encrypting (distributed DP; Truex et al., "A Hybrid Approach to
-Privacy-Preserving Federated Learning", arXiv:1812.03224), in this order, in
-:class:`fedcrm.client.he_mod.HEMod`'s encrypt path:
-
-1. ``delta = w_k - w_{t-1}`` (the branch's update to the global model it decrypted);
-2. clip: ``delta * min(1, C / ||delta||_2)`` (:func:`clip_to_norm`);
-3. noise: add ``N(0, (z C)^2 / K_min)`` per coordinate from a generator seeded with 256 bits of
-   the OS CSPRNG (:func:`secure_generator`);
-4. weight 1 (equal weights, not ``n_k``), encrypt, send.
-
-The server sums the ``K`` ciphertexts and sets the aggregate's count to ``K`` (public), so the
-branches decrypt ``sum_k (clip(delta_k) + e_k)`` and step by its mean over ``K``.
-
-Privacy argument (unit: one branch; neighbours: add/remove one branch's data, zero-out as in
-:mod:`fedcrm.privacy.branch_accounting`; mechanism: Gaussian; ``q = 1``):
-    * Sensitivity: with equal weights the sum of clipped updates changes by at most ``C`` in L2
-      when one branch's data is replaced by the null (zero) update, exactly as in plaintext
-      central DP. An ``n_k``-weighted sum (the HE mean without DP) would have sensitivity
-      ``n_max C`` and its weights are themselves private; that is why the weights are 1.
-    * Noise: each branch's noise has variance ``(z C)^2 / K_min``. Any ``K_min`` honest
-      branches' noise alone sums to variance ``(z C)^2``; a coalition that knows (and could
-      subtract) the noise of its own members leaves at least that much as long as at least
-      ``K_min`` summed branches are honest. So each released aggregate is the Gaussian mechanism
-      with noise multiplier ``z`` on sensitivity ``C``, and the rounds compose as in central DP
-      (:class:`fedcrm.privacy.branch_accounting.BranchLevelAccountant`).
-    * Trust: the server is honest-but-curious and cannot verify clipping or noise on
-      ciphertexts; the guarantee holds only if the honest branches run the mod unmodified, and
-      at most ``K - K_min`` of the ``K`` summed branches collude (or drop their noise). Every
-      branch holds the secret key (the HE design), so a branch colluding with the server could
-      decrypt individual updates: HE protects updates from the server, DP protects the branches
-      from whoever sees the aggregate.
-    * Dropouts: a round whose sum holds fewer than ``K_min`` branches would carry noise variance
-      below ``(z C)^2``; the server refuses to release it (the aggregate is not stored or sent,
-      and the ledger records the refusal).
-    * Slightly more noise than needed: with ``K > K_min`` branches the total noise std is
-      ``z C sqrt(K / K_min)``; the accountant counts only ``z`` (conservative).
-
-Randomness: NumPy's PCG64 seeded with 256 bits from :mod:`secrets` per update: unpredictable,
-though not a cryptographic generator, and floating-point attacks on Gaussian sampling
-(Mironov 2012) are not mitigated. CKKS adds its own small approximation error, which is not
-counted as noise.
+With ``[central-dp] mode = "distributed"`` the server only adds ciphertexts, so every branch
+clips its update to ``C`` and adds ``N(0, (z C)^2 / K_min)`` before encrypting
+(:class:`fedcrm.client.he_mod.HEMod`); any ``K_min`` honest branches' shares sum to noise of std
+``z C`` on the decrypted sum (Truex et al., arXiv:1812.03224). See
+docs/privacy-analysis.md#distributed-dp-under-he.
 """
 
 from __future__ import annotations
@@ -57,16 +19,6 @@ import numpy as np
 import numpy.typing as npt
 
 from fedcrm.exceptions import ConfigError
-
-__all__ = [
-    "DDP_CLIPPING_NORM",
-    "DDP_MIN_HONEST",
-    "DDP_NOISE_MULTIPLIER",
-    "DistributedNoise",
-    "branch_noise_std",
-    "clip_to_norm",
-    "secure_generator",
-]
 
 DDP_NOISE_MULTIPLIER: Final = "ddp-noise-multiplier"
 """HE ConfigRecord key (server -> branch): ``z``, the noise multiplier of the decrypted sum."""

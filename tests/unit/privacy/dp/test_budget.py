@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedcrm.exceptions import FedCrmError
-from fedcrm.privacy.budget import BudgetPolicy, PrivacyBudgetExceeded, decide
+from fedcrm.privacy.dp import BudgetPolicy, PrivacyBudgetExceeded, decide
 
 
 def test_round_within_budget_is_admitted() -> None:
