@@ -14,9 +14,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from conftest import TASK_IDS, Federation, build_federation, small_experiment
 from fedcrm import wire as k
 from fedcrm.client import make_client_app
+from fedcrm.compliance import sqlite_url
 from fedcrm.exceptions import ErrorCode
-from fedcrm.server import run_federation
+from fedcrm.server import AggregationConfig, Wiring, run_federation
 from fedcrm.simulation import InProcessGrid, parse_experiment, partition_nodes
+from fedcrm.strategies import RobustAggregator, RobustConfig
 from fedcrm.tasks import FinishedRun, get_task
 
 parametrize_tasks = pytest.mark.parametrize("task_name", TASK_IDS)
@@ -35,6 +37,9 @@ def _mischief(node: int, change: str) -> object:
             spoilt = arrays[name].numpy().copy()
             spoilt.flat[0] = np.nan
             arrays[name] = Array(spoilt)
+        elif change == "scaled":  # finite, well-formed, and a thousand times too large
+            for name in list(arrays):
+                arrays[name] = Array(arrays[name].numpy() * 1000)
         else:  # what a branch must never send: its customers' user factors, or anything else
             arrays["users.embedding.weight"] = Array(np.zeros((5, 4), dtype=np.float32))
         return reply
@@ -80,6 +85,36 @@ def test_spoilt_replies_are_left_out_before_aggregation(
     assert {r.node_id for r in result.rejections} == {3}
     assert all(np.isfinite(a).all() for a in result.arrays.values())
     assert "users.embedding.weight" not in result.arrays
+
+
+@parametrize_tasks
+def test_the_median_keeps_a_scaled_update_from_taking_over_the_model(
+    task_name: str, tmp_path: Path, task_identity: None, one_thread: None
+) -> None:
+    """A well-formed but absurd update passes validation; the coordinate median outvotes it."""
+    fed = build_federation(tmp_path, small_experiment(task_name))
+
+    def largest(robust: RobustAggregator, *, hostile: bool) -> float:
+        mods = [_mischief(3, "scaled")] if hostile else []
+        app = make_client_app(fed.branches, simulation=fed.simulated.handle, mods=mods)
+        wiring = Wiring(
+            AggregationConfig(robust=RobustConfig(aggregator=robust)),
+            None,
+            rounds=fed.federation.num_rounds,
+            run_id=f"{robust}-{hostile}",
+            ledger_url=sqlite_url(tmp_path / "ledger.db"),
+            round_timeout=60.0,
+        )
+        grid = InProcessGrid(app, partition_nodes(3))
+        result = run_federation(
+            grid, fed.federation, fed.settings, min_nodes=3, wrap_strategy=wiring.wrap
+        )
+        assert all(r.train_replies == 3 and not r.rejected for r in result.rounds)
+        return max(float(np.abs(a).max()) for a in result.arrays.values())
+
+    honest = largest(RobustAggregator.NONE, hostile=False)
+    assert largest(RobustAggregator.NONE, hostile=True) > 100 * honest  # FedAvg follows it
+    assert largest(RobustAggregator.MEDIAN, hostile=True) < 2 * honest
 
 
 @parametrize_tasks
