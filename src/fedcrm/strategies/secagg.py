@@ -193,8 +193,9 @@ class SecAggConfig:
         """
         if num_examples > self.max_weight:
             raise ConfigError(
-                f"a branch trains on {num_examples} rows, more than secagg-max-weight "
-                f"({self.max_weight:g}); raise secagg-max-weight to at least {num_examples}"
+                f"a branch trains on {num_examples} examples (its FedAvg weight), more than "
+                f"secagg-max-weight ({self.max_weight:g}); raise secagg-max-weight to at least "
+                f"{num_examples}"
             )
 
     @classmethod

@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import Context, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
 
 from conftest import TASK_IDS, Federation
 from fedcrm import wire as k
-from fedcrm.client import central_clipping_mod, make_client_app
+from fedcrm.client import HEMod, central_clipping_mod, make_client_app
 from fedcrm.compliance import Decision, PrivacyLedger, PrivacyUnit, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError
-from fedcrm.privacy import CentralDPConfig, CentralDPMode
+from fedcrm.privacy import CentralDPConfig, CentralDPMode, DistributedNoise, InsecureRNGWarning
+from fedcrm.privacy.keys import init_keys
 from fedcrm.server import FederationResult, make_server_app
 from fedcrm.settings import to_mapping
 from fedcrm.tasks import get_task
@@ -85,6 +87,48 @@ def test_deployed_server_app_wraps_the_strategy_from_the_run_config(
     assert all(e.branch == "federation" and e.decision is Decision.ADMITTED for e in rows)
     assert {e.model for e in rows} == {task.model_name}  # the run's task names the budget
     assert rows[-1].cumulative_epsilon == pytest.approx(result.central_dp["epsilon"])
+
+
+@parametrize_tasks
+@pytest.mark.filterwarnings(f"ignore::{InsecureRNGWarning.__module__}.InsecureRNGWarning")
+def test_deployed_server_app_runs_distributed_dp_under_he(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Each branch clips and noises inside its HE mod; the server accounts the released sums."""
+    keys = init_keys(tmp_path / "keys")
+    run_config = _run_config(
+        federation,
+        "distributed",
+        **{
+            "aggregation-mode": "he",
+            "he-public-context": str(keys.public_path),
+            "he-checkpoint-dir": str(tmp_path / "checkpoints"),
+            "central-dp-min-honest-branches": 3,
+        },
+    )
+    announced: list[DistributedNoise | None] = []
+
+    def note(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN:  # what the HE mod will read
+            announced.append(DistributedNoise.from_fields(msg.content.config_records[k.HE_RECORD]))
+        return call_next(msg, context)
+
+    mods = [note, HEMod(tmp_path / "keys")]
+    app = make_client_app(federation.branches, simulation=federation.simulated.handle, mods=mods)
+    grid = replace(federation, app=app).subset([0, 1, 2])
+    result = _serve(grid, run_config, tmp_path / "ledger.db")
+
+    assert (
+        result.central_dp is not None and "distributed under HE" in result.central_dp["description"]
+    )
+    assert not result.rejections and all(r.train_replies == 3 for r in result.rounds)
+    assert len(announced) == 6  # the round's HE record tells each branch z, C and K_min
+    assert all(n is not None and (n.noise_multiplier, n.min_honest) == (1.0, 3) for n in announced)
+    ledger = PrivacyLedger(open_store(sqlite_url(tmp_path / "ledger.db"), migrate=False))
+    rows = [e for e in ledger.entries(run_id="deployed") if e.privacy_unit is PrivacyUnit.BRANCH]
+    assert [e.round for e in rows] == [1, 2]
+    assert rows[-1].cumulative_epsilon == pytest.approx(result.central_dp["epsilon"])
+    assert sorted((tmp_path / "checkpoints").iterdir())  # the server kept ciphertext only
 
 
 @parametrize_tasks
