@@ -101,40 +101,30 @@ def decide(
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a finite number > 0, got {budget!r}")
     figures = f"(accountant {accountant}, delta {delta:g})"
+    decision: Decision
     if not math.isfinite(projected_epsilon):
-        return BudgetDecision(
-            decision="refused",
-            current_epsilon=current_epsilon,
-            projected_epsilon=projected_epsilon,
-            budget=budget,
-            delta=delta,
-            accountant=accountant,
-            reason=f"refused: the accountant gives no finite epsilon for this round {figures}",
+        decision = "refused"
+        reason = f"refused: the accountant gives no finite epsilon for this round {figures}"
+    elif projected_epsilon > budget:
+        decision = "refused"
+        reason = (
+            f"refused: cumulative epsilon would reach {projected_epsilon:.4f}, above the "
+            f"budget {budget:.4f} (spent so far {current_epsilon:.4f}) {figures}"
         )
-    if projected_epsilon > budget:
-        return BudgetDecision(
-            decision="refused",
-            current_epsilon=current_epsilon,
-            projected_epsilon=projected_epsilon,
-            budget=budget,
-            delta=delta,
-            accountant=accountant,
-            reason=(
-                f"refused: cumulative epsilon would reach {projected_epsilon:.4f}, above the "
-                f"budget {budget:.4f} (spent so far {current_epsilon:.4f}) {figures}"
-            ),
+    else:
+        decision = "admitted"
+        reason = (
+            f"admitted: cumulative epsilon {current_epsilon:.4f} -> {projected_epsilon:.4f} "
+            f"within budget {budget:.4f} {figures}"
         )
     return BudgetDecision(
-        decision="admitted",
+        decision=decision,
         current_epsilon=current_epsilon,
         projected_epsilon=projected_epsilon,
         budget=budget,
         delta=delta,
         accountant=accountant,
-        reason=(
-            f"admitted: cumulative epsilon {current_epsilon:.4f} -> {projected_epsilon:.4f} "
-            f"within budget {budget:.4f} {figures}"
-        ),
+        reason=reason,
     )
 
 
