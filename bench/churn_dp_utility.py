@@ -17,7 +17,7 @@ How it is measured (printed with the results):
   ``train``. The model of the round with the best pooled validation ROC-AUC is scored on the
   pooled test rows, as ``run_federation`` does.
 * Privacy: record-level (= customer-level: one row per customer), ε per branch for all rounds,
-  δ = 1/n with n the branch's training rows, RDP accountant, add/remove-one neighbours. The
+  δ = 1/(10n) with n the branch's training rows, RDP accountant, add/remove-one neighbours. The
   ε column is the largest cumulative ε any branch reached. Not covered by the guarantee (as in
   the product): the federated scaler's moments and validation-based model selection.
 * Centralised baselines (non-private) are trained on the pooled training rows of the same split:
@@ -181,7 +181,7 @@ def main() -> None:
                 f"({min(sizes)}-{max(sizes)} training rows), "
                 f"{f.num_rounds} rounds x {s.local_epochs} local epoch(s), batch {s.batch_size}, "
                 f"lr {s.lr}, {s.optimizer} momentum {s.momentum}, hidden '{s.hidden_layers}', "
-                f"C = {args.clip}, delta = 1/n per branch, RDP"
+                f"C = {args.clip}, delta = 1/(10n) per branch, RDP"
             )
             for label, auc in baselines(fed).items():
                 print(f"centralised non-private {label:<28} test ROC-AUC {auc:.4f}")

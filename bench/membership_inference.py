@@ -17,7 +17,7 @@ its training rows, non-members: its held-out rows; scores of all branches pooled
 DP-SGD protects both: the update is the DP-SGD output, the global model a post-processing of it.
 
 Models: trained exactly as in ``bench/churn_dp_utility.py`` (in-process FedAvg over the branch
-code; record-level DP-SGD at ε per branch, δ = 1/n, RDP), with the example's settings, and the
+code; record-level DP-SGD at ε per branch, δ = 1/(10n), RDP), with the example's settings, and the
 global model of the round with the best validation AUC (as the product releases it), or with
 ``--last-round`` the last round's model. ``--local-epochs`` / ``--rounds`` raise local training
 so that the non-private model overfits (a stress test of the attack, not the product setting).
@@ -92,7 +92,7 @@ def main() -> None:
         print(
             f"# loss-threshold membership inference (Yeom et al. 2018) on {args.dataset}: "
             f"{len(splits)} branches, {f.num_rounds} rounds x {settings.local_epochs} local "
-            f"epoch(s), batch {settings.batch_size}, C = {args.clip}, delta = 1/n per branch, "
+            f"epoch(s), batch {settings.batch_size}, C = {args.clip}, delta = 1/(10n) per branch, "
             f"attacked: {args.target} "
             f"({'last round' if args.last_round else 'best validation round'})"
         )

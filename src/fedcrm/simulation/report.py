@@ -61,7 +61,9 @@ def privacy_summary(
         "target_epsilon": dp.target_epsilon,
         "budget": dp.budget,
         "delta_rule": (
-            "1/n per branch (n = its training rows)" if dp.delta is None else f"{dp.delta:g}"
+            "1/(10n) per branch (n = its DP-SGD rows; δ must stay below 1/n)"
+            if dp.delta is None
+            else f"{dp.delta:g}"
         ),
         "accountant": dp.accountant,
         "max_grad_norm": dp.max_grad_norm,

@@ -224,7 +224,7 @@ def test_dp_run_with_gate_logs_ledger_entries(gated: dict[str, Any], tmp_path: P
     mine = [e for e in log.entries() if e.subject is None]
     ledger_events = [e for e in mine if e.event_type == EventType.LEDGER_ENTRY]
     assert {log.read_body(e.index)["branch"] for e in ledger_events} == set(names[:2])
-    # The DP plan used the gated count: delta is 1/n of the consented training customers.
+    # The DP plan used the gated count: delta is 1/(10n) of the consented training customers.
     manifests = {e.manifest.branch: e.manifest for e in result.manifests}
     entries = {e.branch: e for e in ledger.entries(run_id="run-dp")}
-    assert entries[names[0]].delta == pytest.approx(1 / manifests[names[0]].rows_after)
+    assert entries[names[0]].delta == pytest.approx(1 / (10 * manifests[names[0]].rows_after))

@@ -242,7 +242,7 @@ class NoisePlan:
             ``make_private`` and as ``steps`` to ``would_exceed``.
         rounds: Planned rounds.
         planned_epsilon: ε after all planned rounds (<= the target when σ was planned).
-        delta: δ of the branch's guarantee (1/n unless the run sets it).
+        delta: δ of the branch's guarantee (1/(10n) unless the run sets it).
         accountant: Accountant that computed it.
     """
 
@@ -262,7 +262,7 @@ def plan_for_config(
 ) -> NoisePlan:
     """Plan σ once for a branch's whole federation from the run's :class:`DPSGDConfig`.
 
-    The branch's own figures fix what the run config cannot: δ (1/n unless configured), the
+    The branch's own figures fix what the run config cannot: δ (1/(10n) unless configured), the
     Poisson rate q = batch size / rows and the steps per round. With ``config.noise_multiplier``
     set, that σ is kept and only its total ε is computed.
 
@@ -274,7 +274,7 @@ def plan_for_config(
         rounds: Planned federated rounds.
 
     Raises:
-        fedcrm.exceptions.ConfigError: δ = 1/n with fewer than 2 rows.
+        fedcrm.exceptions.ConfigError: The configured δ is not below the branch's 1/n.
         AccountingError: The batch is larger than the data, or a count is not >= 1.
         NoiseCalibrationError: The target ε cannot be reached.
     """

@@ -28,6 +28,8 @@ ACCOUNTANTS: Final[tuple[str, ...]] = get_args(AccountantName)
 GRAD_SAMPLE_MODES: Final[tuple[str, ...]] = get_args(GradSampleMode)
 DEFAULT_MODEL: Final = "churn"
 DEFAULT_PURPOSE: Final = "churn-model-training"
+DEFAULT_DELTA_FACTOR: Final = 10
+"""Unset δ is 1/(10·n) on a branch of n DP-SGD rows (δ ≪ 1/n; see :meth:`DPSGDConfig.delta_for`)."""
 
 DPSGD_RUN_CONFIG_KEYS: Final[dict[str, str]] = {
     k.KEY_DP_TARGET_EPSILON: "target_epsilon",
@@ -63,8 +65,8 @@ class DPSGDConfig:
     Attributes:
         target_epsilon: ε each branch may reach after all planned rounds; its noise multiplier
             is planned once, for the whole federation, from this target.
-        delta: δ of every branch's guarantee; ``None`` means 1/n per branch (n = its DP-SGD
-            rows).
+        delta: δ of every branch's guarantee; ``None`` means 1/(10·n) per branch (n = its
+            DP-SGD rows); a δ not below a branch's 1/n is refused there.
         max_grad_norm: Per-example clipping norm C.
         accountant: ``"rdp"`` (default) or ``"prv"``.
         grad_sample_mode: Per-sample gradient implementation, see :data:`GradSampleMode`. The
@@ -147,16 +149,27 @@ class DPSGDConfig:
         return self.target_epsilon if self.max_epsilon is None else self.max_epsilon
 
     def delta_for(self, num_rows: int) -> float:
-        """δ on a branch with ``num_rows`` DP-SGD rows (1/n unless configured).
+        """δ on a branch with ``num_rows`` DP-SGD rows: 1/(10·n) unless configured.
+
+        δ is the chance that the guarantee fails outright; δ ≥ 1/n admits a mechanism that
+        publishes one of n rows in the clear, so a configured δ must stay below 1/n
+        (docs/privacy-analysis.md#choosing-delta).
 
         Raises:
-            ConfigError: ``num_rows`` < 2 (δ = 1/n must be below 1).
+            ConfigError: ``num_rows`` < 1, or the configured δ is not below 1/n.
         """
-        if self.delta is not None:
-            return self.delta
-        if num_rows < 2:
-            raise ConfigError(f"delta = 1/n needs at least 2 training rows, got {num_rows}")
-        return 1.0 / num_rows
+        if num_rows < 1:
+            raise ConfigError(f"DP-SGD needs at least 1 training row, got {num_rows}")
+        if self.delta is None:
+            return 1.0 / (DEFAULT_DELTA_FACTOR * num_rows)
+        if self.delta >= 1.0 / num_rows:
+            raise ConfigError(
+                f"delta {self.delta:g} is not below 1/n = {1.0 / num_rows:g} for this branch's "
+                f"{num_rows} DP-SGD rows: a guarantee that may fail with probability 1/n "
+                "protects no one; set [dp] delta below 1/n (e.g. "
+                f"{1.0 / (DEFAULT_DELTA_FACTOR * num_rows):.2g}) or leave it unset for 1/(10n)"
+            )
+        return self.delta
 
     @classmethod
     def from_run_config(
@@ -218,7 +231,7 @@ class DPSGDConfig:
 
     def describe(self) -> str:
         """One line for logs and reports (ε with its unit, δ rule, accountant, mechanism)."""
-        delta = "1/n per branch" if self.delta is None else f"{self.delta:g}"
+        delta = "1/(10n) per branch" if self.delta is None else f"{self.delta:g}"
         return (
             f"record-level DP-SGD (one row per customer: customer-level), target epsilon "
             f"{self.target_epsilon:g} per branch, budget {self.budget:g} for "

@@ -139,11 +139,11 @@ def test_plan_for_config_fixes_the_noise_for_all_rounds() -> None:
     assert fixed.planned_epsilon > 3.0  # reported, and would_exceed will refuse the rounds
 
 
-def test_the_plan_takes_delta_one_over_n_unless_the_run_sets_it() -> None:
+def test_the_plan_takes_delta_one_over_ten_n_unless_the_run_sets_it() -> None:
     plan = plan_for_config(
         DPSGDConfig(target_epsilon=1.0), num_rows=400, batch_size=32, local_epochs=2, rounds=5
     )
-    assert plan.delta == pytest.approx(1 / 400)
+    assert plan.delta == pytest.approx(1 / 4000)
     fixed = plan_for_config(
         DPSGDConfig(target_epsilon=1.0, delta=1e-6),
         num_rows=400,
@@ -152,9 +152,13 @@ def test_the_plan_takes_delta_one_over_n_unless_the_run_sets_it() -> None:
         rounds=5,
     )
     assert fixed.delta == 1e-6
-    with pytest.raises(ConfigError, match="at least 2 training rows"):
+    with pytest.raises(ConfigError, match="not below 1/n"):
         plan_for_config(
-            DPSGDConfig(target_epsilon=1.0), num_rows=1, batch_size=1, local_epochs=1, rounds=1
+            DPSGDConfig(target_epsilon=1.0, delta=0.01),
+            num_rows=100,
+            batch_size=10,
+            local_epochs=1,
+            rounds=1,
         )
 
 

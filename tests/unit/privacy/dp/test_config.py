@@ -113,8 +113,14 @@ def test_unknown_dp_key_is_rejected() -> None:
         DPSGDConfig.from_run_config({"dp-target-epsilon": 3.0, "dp-delta": 1.5})
 
 
-def test_delta_is_one_over_n_per_branch_unless_set() -> None:
-    assert DPSGDConfig(target_epsilon=1.0).delta_for(400) == pytest.approx(1 / 400)
+def test_delta_is_one_over_ten_n_per_branch_unless_set() -> None:
+    assert DPSGDConfig(target_epsilon=1.0).delta_for(400) == pytest.approx(1 / 4000)
     assert DPSGDConfig(target_epsilon=1.0, delta=1e-6).delta_for(400) == 1e-6
-    with pytest.raises(ConfigError, match="at least 2 training rows"):
-        DPSGDConfig(target_epsilon=1.0).delta_for(1)
+    with pytest.raises(ConfigError, match="at least 1 training row"):
+        DPSGDConfig(target_epsilon=1.0).delta_for(0)
+
+
+@pytest.mark.parametrize("delta", [1 / 400, 0.01])
+def test_a_delta_not_below_one_over_n_is_refused_with_the_reason(delta: float) -> None:
+    with pytest.raises(ConfigError, match=r"not below 1/n = 0.0025 .* 400 DP-SGD rows"):
+        DPSGDConfig(target_epsilon=1.0, delta=delta).delta_for(400)
