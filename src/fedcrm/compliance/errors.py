@@ -139,6 +139,10 @@ class CumulativeEpsilonDecrease(LedgerError):
         )
 
 
+class DuplicateSpend(LedgerError):
+    """A branch's spend (its accountant's spend id) is already in the ledger."""
+
+
 class AuditError(ComplianceError):
     """Base class of the audit log's errors."""
 

@@ -43,7 +43,7 @@ from fedcrm.compliance.enums import (
     SamplingMethod,
     coerce_member,
 )
-from fedcrm.compliance.errors import CumulativeEpsilonDecrease, LedgerError
+from fedcrm.compliance.errors import CumulativeEpsilonDecrease, DuplicateSpend, LedgerError
 from fedcrm.compliance.models import PrivacyLedgerEntry, PrivacyLedgerTotal
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ class LedgerEntry:
         decision: Admitted or refused.
         reason: Why (required for a refusal).
         epsilon_budget: The maximum ε in force when the decision was taken, if any.
+        spend_id: The branch accountant's id of this spend (admitted DP-SGD rounds); one
+            spend is stored once per (branch, model, purpose).
+        dp_event: The mechanism as a serialised dp-accounting-style event (JSON), for
+            recomputing ε independently.
         id: Set by the ledger when stored.
         recorded_at: Set by the ledger when stored (aware UTC).
 
@@ -109,6 +113,8 @@ class LedgerEntry:
     decision: Decision
     reason: str | None = None
     epsilon_budget: float | None = None
+    spend_id: str | None = None
+    dp_event: str | None = None
     id: int | None = None
     recorded_at: datetime | None = None
 
@@ -142,6 +148,10 @@ class LedgerEntry:
         self._check_ranges(problems)
         if self.decision == Decision.REFUSED and not (self.reason and self.reason.strip()):
             problems.append("a refused entry must state its reason")
+        if self.spend_id is not None and (
+            not isinstance(self.spend_id, str) or not 0 < len(self.spend_id) <= 64
+        ):
+            problems.append("spend_id must be a string of 1 to 64 characters or unset")
         if self.recorded_at is not None and self.recorded_at.utcoffset() is None:
             problems.append("recorded_at must be timezone-aware")
         if problems:
@@ -238,6 +248,7 @@ class PrivacyLedger:
 
         Raises:
             CumulativeEpsilonDecrease: Its cumulative ε is below the recorded one.
+            DuplicateSpend: Its spend id is already recorded for this branch.
             LedgerError: A refusal claims to spend budget, or the append kept conflicting with
                 concurrent writers.
         """
@@ -284,6 +295,21 @@ class PrivacyLedger:
             raise LedgerError(
                 f"a refused round spends no budget: its cumulative ε must equal the current "
                 f"{current!r}, got {entry.cumulative_epsilon!r}"
+            )
+        if (
+            entry.spend_id is not None
+            and session.execute(
+                select(PrivacyLedgerEntry.id).where(
+                    PrivacyLedgerEntry.branch == entry.branch,
+                    PrivacyLedgerEntry.model == entry.model,
+                    PrivacyLedgerEntry.purpose == entry.purpose,
+                    PrivacyLedgerEntry.spend_id == entry.spend_id,
+                )
+            ).first()
+        ):
+            raise DuplicateSpend(
+                f"spend {entry.spend_id} of branch {entry.branch!r} is already in the ledger: "
+                "a replayed or re-sent report is not counted twice"
             )
         now = utcnow()
         row = PrivacyLedgerEntry(

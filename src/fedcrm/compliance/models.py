@@ -189,6 +189,7 @@ class PrivacyLedgerEntry(Base):
             name="refusal_has_reason",
         ),
         Index("ix_privacy_ledger_scope", "branch", "model", "purpose"),
+        Index("uq_privacy_ledger_spend", "branch", "model", "purpose", "spend_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -217,6 +218,8 @@ class PrivacyLedgerEntry(Base):
     epsilon_budget: Mapped[float | None] = mapped_column(Double)
     decision: Mapped[Decision] = mapped_column(_str_enum(Decision, "decision"))
     reason: Mapped[str | None] = mapped_column(Text)
+    spend_id: Mapped[str | None] = mapped_column(String(64))
+    dp_event: Mapped[str | None] = mapped_column(Text)
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -25,7 +25,7 @@ Pure analysis (ε, planning) is kept apart from the stateful accountants, as in 
 See docs/privacy-analysis.md for the mechanisms, the accounting and the module layout.
 """
 
-from fedcrm.privacy.dp._accountant import BranchAccountant
+from fedcrm.privacy.dp._accountant import BranchAccountant, Spend, SpendStatus, parse_spends
 from fedcrm.privacy.dp._analysis import (
     MECHANISM,
     AccountingEvent,
@@ -76,6 +76,15 @@ from fedcrm.privacy.dp._errors import (
     StepLimitReached,
     UnsupportedModelError,
 )
+from fedcrm.privacy.dp._events import (
+    DISAGREEMENT,
+    PLD_SLACK,
+    Recomputed,
+    disagrees,
+    event_json,
+    parse_event,
+    recompute_history,
+)
 from fedcrm.privacy.dp._fast_linear import clip_per_sample
 from fedcrm.privacy.dp._opacus import OPACUS_VERSION
 from fedcrm.privacy.dp._report import PrivacyReport, PrivacyUnitName
@@ -83,10 +92,12 @@ from fedcrm.privacy.dp._training import PrivateTraining, make_private
 
 __all__ = [
     "CENTRAL_SAMPLE_RATE",
+    "DISAGREEMENT",
     "DPSGD_RUN_CONFIG_KEYS",
     "LEDGER_SCOPE",
     "MECHANISM",
     "OPACUS_VERSION",
+    "PLD_SLACK",
     "AccountantConflict",
     "AccountantName",
     "AccountantStateError",
@@ -114,7 +125,10 @@ __all__ = [
     "PrivacyUnitName",
     "PrivateTraining",
     "RecomputeReport",
+    "Recomputed",
     "SecureModeUnavailable",
+    "Spend",
+    "SpendStatus",
     "StepLimitReached",
     "UnsupportedModelError",
     "cap_rows_per_customer",
@@ -123,14 +137,19 @@ __all__ = [
     "clip_to_norm",
     "compute_epsilon",
     "decide",
+    "disagrees",
     "effective_noise_multiplier",
+    "event_json",
     "flower_noise_multiplier",
     "make_private",
     "parse_central_dp",
+    "parse_event",
+    "parse_spends",
     "plan_for_config",
     "plan_noise_multiplier",
     "poisson_sample_rate",
     "recompute_check",
+    "recompute_history",
     "reseed_global_numpy",
     "secure_generator",
     "steps_per_epoch",

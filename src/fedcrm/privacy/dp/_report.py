@@ -6,7 +6,7 @@ privacy ledger. See docs/privacy-analysis.md#the-ledger.
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Literal, cast, get_args
 
 from fedcrm.exceptions import ConfigError
@@ -47,6 +47,8 @@ class PrivacyReport:
         max_grad_norm: Clipping norm C.
         accountant: ``"rdp"`` or ``"prv"``.
         library_version: Accounting library, e.g. ``opacus 1.6.0``.
+        spend_id: Id of the spend in the branch accountant (reserved before training); empty
+            for a refusal. The ledger stores it, so one spend is never recorded twice.
     """
 
     decision: DecisionName
@@ -67,6 +69,7 @@ class PrivacyReport:
     max_grad_norm: float
     accountant: AccountantName
     library_version: str
+    spend_id: str = ""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -93,6 +96,8 @@ class PrivacyReport:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.spend_id, str) or len(self.spend_id) > 64:
+            problems.append("spend_id must be a string of at most 64 characters")
         if not problems and self.epsilon < self.epsilon_before:
             problems.append("cumulative epsilon decreased during the round")
         if (
@@ -124,6 +129,8 @@ class PrivacyReport:
         for item in fields(cls):
             key = item.name.replace("_", "-")
             if key not in record:
+                if item.default is not MISSING:
+                    continue
                 raise ConfigError(f"privacy report lacks {key!r}")
             value = record[key]
             if item.name in ("steps", "planned_steps") and _is_real(value):

@@ -216,11 +216,52 @@ OLD_FILE = """{
 OLD_EPSILON = 5.692815103859297  # its ε at δ = 1e-5, computed by that version
 
 
-def test_a_file_written_before_the_split_loads_and_is_rewritten_byte_for_byte() -> None:
+def test_a_version_1_file_loads_and_is_rewritten_as_version_2_with_the_same_epsilon(
+    tmp_path: Path,
+) -> None:
     accountant = BranchAccountant.from_json(OLD_FILE, key=KEY)
     assert accountant.history == (
         AccountingEvent(1.1, 0.0128, 78),
         AccountingEvent(0.7, 0.05, 20),
     )
-    assert accountant.to_json(key=KEY) == OLD_FILE
     assert accountant.epsilon(DELTA) == OLD_EPSILON
+    assert all(s.spend_id is None and s.status == "released" for s in accountant.spends)
+    path = tmp_path / "old.json"
+    path.write_text(OLD_FILE)
+    accountant.reserve(AccountingEvent(1.0, 0.01, 5), run_id="r", server_round=1)
+    accountant.save(path, key=KEY)  # the old history is a prefix of the new one
+    again = BranchAccountant.load(path, key=KEY)
+    assert json.loads(path.read_text())["version"] == 2
+    assert again.history[:2] == accountant.history[:2] and len(again.spends) == 3
+
+
+def test_a_reserved_spend_counts_at_once_and_only_moves_to_released(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    accountant = BranchAccountant()
+    spend = accountant.reserve(AccountingEvent(1.0, 0.02, 50), run_id="r1", server_round=3)
+    assert (spend.run_id, spend.round, spend.status) == ("r1", 3, "reserved")
+    assert accountant.epsilon(DELTA) > 0  # charged before any training
+    accountant.save(path)
+    reserved = BranchAccountant.load(path)
+    accountant.release(spend.spend_id or "")
+    accountant.save(path)  # reserved -> released is allowed
+    assert BranchAccountant.load(path).spends[0].status == "released"
+    with pytest.raises(AccountantConflict):
+        reserved.save(path)  # released -> reserved is not (a stale copy)
+    with pytest.raises(AccountingError, match="no spend"):
+        accountant.release("unknown")
+
+
+def test_absorb_adds_only_unknown_spends_and_never_lowers_epsilon() -> None:
+    source = BranchAccountant()
+    spends = [
+        source.reserve(AccountingEvent(1.0, 0.02, 50), run_id="r1", server_round=r) for r in (1, 2)
+    ]
+    target = BranchAccountant(spends=[spends[0]])
+    before = target.epsilon(DELTA)
+    assert target.absorb(spends) == [spends[1]]
+    assert target.absorb(spends) == []
+    assert target.epsilon(DELTA) > before
+    assert target.epsilon(DELTA) == pytest.approx(source.epsilon(DELTA))
+    with pytest.raises(AccountingError, match="unique"):
+        BranchAccountant(spends=[spends[0], spends[0]])
