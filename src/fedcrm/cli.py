@@ -7,7 +7,7 @@ functions, and it renders ``--help`` and errors with rich.
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -317,21 +317,9 @@ def ledger_show(
     ] = True,
 ) -> None:
     """Print the cumulative epsilon per branch and every round's privacy decision."""
-    from fedcrm.compliance import LedgerEntry, PrivacyLedger, open_store, sqlite_url
+    from fedcrm.compliance import LedgerEntry
 
-    if "://" in db:
-        url = db
-    elif Path(db).is_file():
-        url = sqlite_url(db)
-    else:
-        err.print(f"[red]error:[/red] no ledger at {db} (pass --db PATH or a URL)")
-        raise typer.Exit(2)
-    try:
-        ledger = PrivacyLedger(open_store(url, migrate=False))
-        entries = ledger.entries(run_id=run, branch=branch)
-    except FedCrmError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+    entries = _ledger_entries(db, run=run, branch=branch)
     if not entries:
         console.print("the ledger holds no entry for this selection")
         return
@@ -378,6 +366,87 @@ def ledger_show(
             (e.reason or "") if refused else "",
         )
     console.print(table)
+
+
+def _ledger_entries(db: str, *, run: str | None, branch: str | None) -> list[Any]:
+    """The ledger's entries at ``db`` (a SQLite file or a URL); exit 2 when unreadable."""
+    from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
+
+    if "://" in db:
+        url = db
+    elif Path(db).is_file():
+        url = sqlite_url(db)
+    else:
+        err.print(f"[red]error:[/red] no ledger at {db} (pass --db PATH or a URL)")
+        raise typer.Exit(2)
+    try:
+        return PrivacyLedger(open_store(url, migrate=False)).entries(run_id=run, branch=branch)
+    except FedCrmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@ledger_app.command("recompute")
+def ledger_recompute(
+    db: Annotated[
+        str,
+        typer.Option(
+            help="Ledger database: a SQLite file (a run's ledger.db) or a SQLAlchemy URL."
+        ),
+    ] = "fedcrm-ledger.db",
+    run: Annotated[str | None, typer.Option(help="Only the branches of this run id.")] = None,
+) -> None:
+    """Recompute every admitted row with dp-accounting's RDP and PLD; exit 1 on a disagreement.
+
+    Each (branch, model, purpose) is recomposed from its own ledger rows in order; a row whose
+    recorded cumulative epsilon differs from the recomputed one by more than 1 %, or whose PLD
+    epsilon exceeds RDP, is listed.
+    """
+    from fedcrm.server import recompute_ledger
+
+    entries = _ledger_entries(db, run=None, branch=None)
+    if run is not None:
+        branches = {e.branch for e in entries if e.run_id == run}
+        entries = [e for e in entries if e.branch in branches]
+    try:
+        checks = recompute_ledger(entries)
+    except FedCrmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not checks:
+        console.print("the ledger holds no admitted entry to recompute")
+        return
+    table = Table(title="Ledger recomputed with dp-accounting (RDP every row, PLD last row)")
+    for col in ("branch", "model", "rows", "recorded ε", "RDP ε", "PLD ε", "δ", "largest gap"):
+        table.add_column(col, justify="left" if col in ("branch", "model") else "right")
+    scopes: dict[tuple[str, str, str], list[Any]] = {}
+    for check in checks:
+        scopes.setdefault((check.entry.branch, check.entry.model, check.entry.purpose), []).append(
+            check
+        )
+    for (name, model, _purpose), rows in sorted(scopes.items()):
+        last = rows[-1]
+        gap = max(abs(c.entry.cumulative_epsilon - c.rdp) / max(c.rdp, 1e-12) for c in rows)
+        table.add_row(
+            name,
+            model,
+            str(len(rows)),
+            f"{last.entry.cumulative_epsilon:.4f}",
+            f"{last.rdp:.4f}",
+            "" if last.pld is None else f"{last.pld:.4f}",
+            f"{last.entry.delta:.2e}",
+            f"{100 * gap:.3f} %",
+        )
+    console.print(table)
+    flagged = [c for c in checks if c.problem]
+    for c in flagged:
+        err.print(
+            f"[red]disagreement:[/red] {c.entry.run_id} round {c.entry.round} "
+            f"{c.entry.branch}: {c.problem}"
+        )
+    if flagged:
+        raise typer.Exit(1)
+    console.print(f"{len(checks)} admitted rows recomputed: no disagreement above 1 %, PLD <= RDP")
 
 
 def main() -> None:

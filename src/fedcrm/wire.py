@@ -21,6 +21,12 @@ ARRAYS: Final = "arrays"
 CONFIG: Final = "config"
 METRICS: Final = "metrics"
 PRIVACY: Final = "privacy"
+PRIVACY_STATE: Final = "privacy-state"
+"""DP runs: a branch's answer to the statistics query carries its accountant's spends and its
+noise plan, so the coordinator can reconcile them with the privacy ledger before round 1."""
+KEY_LEDGER_SPENDS: Final = "ledger-spends"
+"""A train message's spends the ledger holds for this branch and its accountant lacks (JSON);
+the branch adds them before its budget check (ε only grows)."""
 """ConfigRecord of a DP train reply: the branch's privacy report (admitted or refused)."""
 CONSENT: Final = "consent"
 """ConfigRecord of a consent-gated train reply: the round manifest, or the branch's refusal."""

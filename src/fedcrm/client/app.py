@@ -11,7 +11,8 @@ consent does not cover the purpose refuses the run (a structured refusal, no par
 
 In a DP run (the train message carries ``dp-target-epsilon``) the branch trains with DP-SGD
 under its own enforced budget (`fedcrm.client.dp_round`); its accountants live in
-``privacy-dir`` (node config; default ``privacy/`` in the branch's folder). A round over budget
+``privacy-dir`` (node config; default ``privacy/`` in the branch's folder; a simulation's
+shared privacy store). A round over budget
 is answered with a refusal report and no parameters. Nothing is raised across the network: a
 failure is an error reply whose code is a `fedcrm.exceptions.ErrorCode`.
 """
@@ -45,7 +46,7 @@ from fedcrm.client.central_dp_mod import central_clipping_mod
 from fedcrm.client.consent_gate import apply_gate, commit_round
 from fedcrm.client.he_mod import HEMod
 from fedcrm.client.secagg_client import secagg_mod
-from fedcrm.client.source import privacy_dir, resolve_consent, resolve_source
+from fedcrm.client.source import branch_privacy, resolve_consent, resolve_source
 from fedcrm.compliance import Purpose
 from fedcrm.compliance.manifest import ConsentRefusal, RoundManifest
 from fedcrm.exceptions import ConfigError, ErrorCode, FedCrmError
@@ -228,12 +229,25 @@ def make_client_app(
             **p.run.task.statistics(p.data, p.settings),
             k.KEY_NUM_EXAMPLES: p.data.num_examples,
         }
-        return Message(RecordDict({k.METRICS: MetricRecord(values)}), reply_to=msg)
+        content = RecordDict({k.METRICS: MetricRecord(values)})
+        if p.run.dp is not None:
+            try:
+                state = dp_round.privacy_state(
+                    p.run.task,
+                    p.data,
+                    p.settings,
+                    p.ctx,
+                    dp=p.run.dp,
+                    rounds=p.run.num_rounds,
+                    where=branch_privacy(context, p.source),
+                )
+            except FedCrmError as exc:
+                return _error(msg, ErrorCode.DP_ROUND_FAILED, f"privacy state unreadable: {exc}")
+            content.config_records[k.PRIVACY_STATE] = ConfigRecord(state)  # type: ignore[arg-type]
+        return Message(content, reply_to=msg)
 
     def train_private(msg: Message, context: Context, p: Prepared, dp: DPSGDConfig) -> Message:
-        where = dp_round.BranchPrivacy(
-            privacy_dir(context, p.source), p.source.name, dp_round.accountant_key(p.source.key)
-        )
+        where = branch_privacy(context, p.source)
         try:
             out = dp_round.private_round(
                 p.run.task,
@@ -244,6 +258,7 @@ def make_client_app(
                 dp=dp,
                 rounds=p.run.num_rounds,
                 where=where,
+                run_id=p.run.run_id,
             )
         except FedCrmError as exc:
             return _error(msg, ErrorCode.DP_ROUND_FAILED, f"DP round not run: {exc}")

@@ -2,10 +2,11 @@
 
 The branch enforces its own budget: the check runs before any training, against the branch's
 persistent accountant (HMAC-protected JSON on the branch, reloaded every round and after any
-restart), and a round that would take the cumulative ε past the budget of (model, purpose) is
-refused with a structured :class:`fedcrm.privacy.PrivacyReport`; no parameters are
-sent. An admitted round trains with at most the admitted number of steps, records the steps it
-took and saves the accountant before the reply leaves the branch.
+restart, kept across runs), and a round that would take the cumulative ε past the budget of
+(model, purpose) is refused with a structured :class:`fedcrm.privacy.PrivacyReport`; no
+parameters are sent. An admitted round is charged first (write-ahead: its admitted steps are
+saved as a reserved spend before training starts), trains with at most those steps, and is
+marked released before the reply leaves the branch; a crash in between loses no spend.
 
 The task says what a DP-SGD row is (`fedcrm.tasks.Task.private_rows`: a record, or a customer
 with all their rows) and trains (`Task.train_private`); σ is planned once per federation from
@@ -19,19 +20,24 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedcrm import wire as k
+from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy import (
     OPACUS_VERSION,
+    AccountingError,
+    AccountingEvent,
     BranchAccountant,
     BudgetDecision,
     DPSGDConfig,
     NoisePlan,
     PrivacyReport,
+    parse_spends,
     plan_for_config,
 )
 from fedcrm.tasks import Arrays, PrivateRows, PrivateUpdate, RoundContext, Task
@@ -82,7 +88,7 @@ def plan(dp: DPSGDConfig, rows: PrivateRows, *, rounds: int, state: RecordDict) 
     """The branch's noise for the federation (its δ, q and σ), cached in ``state``.
 
     Raises:
-        fedcrm.exceptions.ConfigError: δ = 1/n with fewer than 2 rows.
+        fedcrm.exceptions.ConfigError: The configured δ is not below the branch's 1/n.
         fedcrm.privacy.dp.AccountingError: The batch exceeds the rows, or no σ reaches the
             target.
     """
@@ -108,6 +114,52 @@ def plan(dp: DPSGDConfig, rows: PrivateRows, *, rounds: int, state: RecordDict) 
         noise.planned_epsilon,
     )
     return noise
+
+
+def privacy_state(
+    task: Task[Any, Any],
+    data: object,
+    settings: object,
+    ctx: RoundContext,
+    *,
+    dp: DPSGDConfig,
+    rounds: int,
+    where: BranchPrivacy,
+) -> dict[str, str | float | int]:
+    """The branch's accountant and noise plan, for the coordinator's ledger before round 1.
+
+    Every spend with an id (reserved or released) goes along, so the coordinator records those
+    the ledger lacks (a crash between training and the ledger write) and sends back those the
+    accountant lacks. A branch that cannot plan says why (``plan-error``); it will refuse the
+    round itself.
+
+    Raises:
+        fedcrm.privacy.dp.AccountantStateError: The stored accountant is unreadable.
+    """
+    rows = task.private_rows(data, settings)
+    path = accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
+    accountant = BranchAccountant.open(path, accountant=dp.accountant, key=where.key)
+    spends = [s.to_json() for s in accountant.spends if s.spend_id is not None]
+    state: dict[str, str | float | int] = {
+        "branch": where.branch_name,
+        "unit": rows.unit,
+        "spends": json.dumps(spends),
+    }
+    try:
+        noise = plan(dp, rows, rounds=rounds, state=ctx.state)
+    except FedCrmError as exc:
+        state["plan-error"] = str(exc)
+        return state
+    state.update(
+        {
+            "delta": noise.delta,
+            "noise-multiplier": noise.noise_multiplier,
+            "sample-rate": noise.sample_rate,
+            "steps": noise.steps_per_round,
+            "epsilon": accountant.epsilon(noise.delta),
+        }
+    )
+    return state
 
 
 def round_report(
@@ -160,6 +212,7 @@ def private_round(
     dp: DPSGDConfig,
     rounds: int,
     where: BranchPrivacy,
+    run_id: str,
 ) -> DPRoundOutcome:
     """Run one budget-checked DP-SGD round of ``task`` on the branch.
 
@@ -172,6 +225,7 @@ def private_round(
         dp: The run's DP settings (model and purpose of the budget).
         rounds: The planned rounds (σ covers all of them).
         where: The branch's privacy folder, name and key.
+        run_id: The run (it tags the spend).
 
     Returns:
         The report and, when admitted, the update.
@@ -185,6 +239,9 @@ def private_round(
     noise = plan(dp, rows, rounds=rounds, state=ctx.state)
     path = accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
     accountant = BranchAccountant.open(path, accountant=dp.accountant, key=where.key)
+    from_ledger = ctx.config.get(k.KEY_LEDGER_SPENDS)
+    if isinstance(from_ledger, str) and accountant.absorb(parse_spends(from_ledger)):
+        accountant.save(path, key=where.key)  # the ledger knew spends this accountant lacked
     decision = accountant.would_exceed(
         noise_multiplier=noise.noise_multiplier,
         sample_rate=noise.sample_rate,
@@ -209,12 +266,21 @@ def private_round(
         logger.warning("%s: round refused: %s", where.branch_name, decision.reason)
         refused = report(reason=decision.reason, steps=0, after=decision.current_epsilon)
         return DPRoundOutcome(refused, None)
+    # Write-ahead: the admitted steps are charged and on disk before the data is touched.
+    spend = accountant.reserve(
+        AccountingEvent(noise.noise_multiplier, noise.sample_rate, noise.steps_per_round),
+        run_id=run_id,
+        server_round=ctx.server_round,
+    )
+    accountant.save(path, key=where.key)
     update = task.train_private(data, arrays, settings, ctx, config=dp, plan=noise)
-    if update.event is not None:
-        accountant.record(update.event)
-        accountant.save(path, key=where.key)
+    taken = 0 if update.event is None else update.event.steps
+    if taken > noise.steps_per_round:  # make_private's step limit makes this impossible
+        raise AccountingError(f"the round took {taken} steps, {noise.steps_per_round} admitted")
+    accountant.release(spend.spend_id or "")
+    accountant.save(path, key=where.key)
     after = accountant.epsilon(noise.delta)
-    steps = 0 if update.event is None else update.event.steps
+    steps = noise.steps_per_round  # charged: the admitted steps (an upper bound of those taken)
     logger.info(
         "%s: DP round admitted, epsilon %.4f -> %.4f (delta %.3g, %d steps)",
         where.branch_name,
@@ -224,4 +290,4 @@ def private_round(
         steps,
     )
     admitted = report(reason=f"{decision.reason}; {rows.note}", steps=steps, after=after)
-    return DPRoundOutcome(admitted, update)
+    return DPRoundOutcome(replace(admitted, spend_id=spend.spend_id or ""), update)

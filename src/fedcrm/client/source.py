@@ -13,6 +13,7 @@ from flwr.app import Context
 
 from fedcrm import wire as k
 from fedcrm.client.consent_gate import BranchConsent, consent_url, parse_purposes
+from fedcrm.client.dp_round import BranchPrivacy, accountant_key
 from fedcrm.data.pseudonymise import load_or_create_key
 from fedcrm.exceptions import ConfigError
 from fedcrm.tasks import BranchSource
@@ -108,6 +109,28 @@ def resolve_consent(context: Context, source: BranchSource, url: str | None) -> 
     )
 
 
-def privacy_dir(context: Context, source: BranchSource) -> Path:
-    """The folder of the branch's persistent accountants (node ``privacy-dir``, else its own)."""
-    return Path(str(context.node_config.get(k.NODE_PRIVACY_DIR, source.folder / "privacy")))
+PRIVACY_KEY_FILE = "accountant.key"
+"""The HMAC key of a simulated branch's accountants in a shared privacy store (runs come and
+go with their own branch keys; the store's accountants stay)."""
+
+
+def branch_privacy(context: Context, source: BranchSource) -> BranchPrivacy:
+    """Where the branch keeps its persistent accountants, and their HMAC key.
+
+    Deployment: node config ``privacy-dir`` (default ``privacy/`` beside the export), keyed by
+    the branch key. Simulation: the shared privacy store its ``branch.json`` names
+    (``privacy-dir``, with its own ``accountant.key``), else ``privacy/`` in the run's branch
+    folder (that run only).
+    """
+    node = context.node_config
+    if k.NODE_PRIVACY_DIR in node:
+        folder = Path(str(node[k.NODE_PRIVACY_DIR]))
+    elif source.data_path is None and isinstance(
+        store := _info(source.folder).get("privacy-dir"), str
+    ):
+        folder = Path(store)
+        key = load_or_create_key(folder / PRIVACY_KEY_FILE)
+        return BranchPrivacy(folder, source.name, accountant_key(key))
+    else:
+        folder = source.folder / "privacy"
+    return BranchPrivacy(folder, source.name, accountant_key(source.key))

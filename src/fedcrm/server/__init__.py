@@ -2,11 +2,13 @@
 
 One Flower ServerApp (`make_server_app`) over one round loop (`run_federation`), the screening
 of replies, the strategy wiring shared by simulation and deployment, the run's audit trail,
-its outputs and the traffic meter.
+its outputs, the traffic meter, and the privacy budget kept in step with the ledger.
 """
 
 from fedcrm.server.app import deployed_wiring, make_server_app
+from fedcrm.server.budget import BudgetGuard
 from fedcrm.server.config import FederationConfig
+from fedcrm.server.ledger_check import RowCheck, recompute_ledger
 from fedcrm.server.loop import StrategyWrapper, run_federation, wait_for_nodes
 from fedcrm.server.outputs import write_outputs
 from fedcrm.server.result import (
@@ -23,6 +25,7 @@ from fedcrm.server.wiring import AggregationConfig, Wiring, check_plan
 
 __all__ = [
     "AggregationConfig",
+    "BudgetGuard",
     "ComplianceConfig",
     "FederationConfig",
     "FederationResult",
@@ -32,6 +35,7 @@ __all__ = [
     "RoundCallback",
     "RoundRecord",
     "RoundTraffic",
+    "RowCheck",
     "RunAudit",
     "StrategyWrapper",
     "TrafficMeter",
@@ -40,6 +44,7 @@ __all__ = [
     "deployed_wiring",
     "ledger_entry",
     "make_server_app",
+    "recompute_ledger",
     "run_federation",
     "wait_for_nodes",
     "wire_size",

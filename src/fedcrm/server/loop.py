@@ -9,7 +9,8 @@ statistics it combines, the pooling of evaluation replies and the selection metr
 A run that declares a purpose (``purpose``) sends it with every message; each branch trains
 only on customers with valid consent for it and answers with a round manifest, or refuses the
 run. With record-level DP (``dp``) every branch answers with a privacy report, admitted or
-refused, written to the privacy ledger. Refusals are recorded and left out; the run stops with
+refused, written to the privacy ledger, which is first reconciled with the branches'
+accountants (`fedcrm.server.budget`). Refusals are recorded and left out; the run stops with
 `FederationStopped` below ``min-train-nodes``. With a `RunAudit`, the configuration, manifests,
 refusals and ledger entries also go to the run's audit log.
 """
@@ -29,6 +30,7 @@ from fedcrm import wire as k
 from fedcrm.compliance import PrivacyLedger, Purpose
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import DPSGDConfig
+from fedcrm.server.budget import BudgetGuard
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.result import FederationResult, FederationStopped, RoundCallback, RoundRecord
 from fedcrm.server.run_audit import RunAudit
@@ -143,6 +145,19 @@ def run_federation(
         grid, nodes, ConfigRecord(run), timeout=cfg.round_timeout, gated=purpose is not None
     )
     records = screen_statistics(stats, result=result, audit=audit)
+    guard = None
+    if dp is not None and ledger is not None:
+        guard = BudgetGuard(dp, ledger, run_id)
+        try:
+            for entry in guard.reconcile(stats.privacy):
+                if audit is not None:
+                    audit.ledger_entry(entry)
+        except FedCrmError as exc:
+            raise FederationStopped(
+                f"federated statistics: the branches' spends could not be reconciled with the "
+                f"privacy ledger, stopping before round 1: {exc}",
+                result,
+            ) from exc
     if check_statistics is not None:
         check_statistics(records)
     result.statistics = task.combine_statistics(settings, records)
@@ -174,6 +189,8 @@ def run_federation(
                 raise FederationStopped(
                     f"{exc}; stopping the run (the refusal is in the privacy ledger)", result
                 ) from exc
+            if guard is not None:
+                messages = guard.send_ledger_spends(messages)
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
             received = len(replies)
             needed = min(cfg.min_train_nodes, len(messages))
@@ -199,6 +216,7 @@ def run_federation(
                     audit=audit,
                     result=result,
                     rejections=strategy.rejections,
+                    guard=guard,
                 )
                 refused += budget_refused
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedcrm.compliance import LedgerEntry
 from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy import DPSGDConfig, PrivacyReport
 from fedcrm.server.consent_replies import ConsentRefusalEvent, ManifestEvent
@@ -36,6 +37,8 @@ class PrivacyEvent:
     round: int
     node_id: int
     report: PrivacyReport
+    entry: LedgerEntry
+    """Its privacy-ledger row (as stored, when the run has a ledger)."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ from fedcrm.compliance import (
 )
 from fedcrm.exceptions import ConfigError, FedCrmError, InconsistentReplies
 from fedcrm.privacy import PrivacyReport
+from fedcrm.server.budget import BudgetGuard
 from fedcrm.server.consent_replies import (
     ConsentRefusalEvent,
     screen_consent_replies,
@@ -53,6 +54,8 @@ class Statistics:
     """Consent-gated runs: branches refusing the run's purpose (round 0)."""
     failures: list[str] = field(default_factory=list)
     """``"node <id>: <reason>"`` of every failed or malformed answer."""
+    privacy: dict[int, ConfigRecord] = field(default_factory=dict)
+    """DP runs: per node, its accountant's spends and noise plan (``privacy-state``)."""
 
 
 def query_statistics(
@@ -89,6 +92,8 @@ def query_statistics(
             stats.failures.append(f"node {node}: a statistics reply without {k.KEY_NUM_EXAMPLES}")
             continue
         stats.records.append(record)
+        if k.PRIVACY_STATE in reply.content.config_records:
+            stats.privacy[node] = reply.content.config_records[k.PRIVACY_STATE]
     logger.info("federated statistics from %d of %d branches", len(stats.records), len(nodes))
     return stats
 
@@ -243,14 +248,18 @@ def screen_private_replies(
     *,
     ledger: PrivacyLedger | None,
     run_id: str,
+    guard: BudgetGuard | None = None,
 ) -> tuple[list[Message], list[PrivacyEvent], list[Rejection]]:
     """Record every branch's privacy report; keep only admitted updates (and error replies).
 
     A reply with no valid privacy report is dropped: in a DP run an update without one may
-    not have been trained privately.
+    not have been trained privately. With a `BudgetGuard` each row's cumulative ε also counts
+    the ledger's history of the branch, and an update the ledger puts above the budget is
+    recorded and dropped.
 
     Returns:
-        Replies to aggregate, the privacy events, and the dropped replies with reasons.
+        Replies to aggregate, the privacy events (with their ledger rows), and the dropped
+        replies with reasons.
 
     Raises:
         LedgerError: The ledger refused an entry (e.g. a branch reports a cumulative ε below
@@ -273,10 +282,16 @@ def screen_private_replies(
         except ConfigError as exc:
             dropped.append(Rejection(server_round, node, f"DP run: {exc}"))
             continue
-        events.append(PrivacyEvent(server_round, node, report))
+        if guard is not None:
+            entry = guard.entry(report, node, server_round=server_round)
+        else:
+            entry = ledger_entry(report, run_id=run_id, server_round=server_round)
         if ledger is not None:
-            ledger.append(ledger_entry(report, run_id=run_id, server_round=server_round))
-        if report.admitted:
+            entry = ledger.append(entry)
+        events.append(PrivacyEvent(server_round, node, report, entry))
+        if guard is not None and guard.over_budget(entry):
+            dropped.append(Rejection(server_round, node, f"DP run: {entry.reason}"))
+        elif report.admitted:
             kept.append(reply)
     for rejection in dropped:
         logger.warning(
@@ -298,6 +313,7 @@ def screen_privacy(
     audit: RunAudit | None,
     result: FederationResult,
     rejections: list[Rejection],
+    guard: BudgetGuard | None = None,
 ) -> tuple[list[Message], list[str], dict[str, float]]:
     """Record a DP round's reports (ledger, audit log); keep the admitted updates.
 
@@ -310,10 +326,12 @@ def screen_privacy(
             were admitted.
     """
     try:
-        kept, events, dropped = screen_private_replies(rnd, replies, ledger=ledger, run_id=run_id)
+        kept, events, dropped = screen_private_replies(
+            rnd, replies, ledger=ledger, run_id=run_id, guard=guard
+        )
         if audit is not None:
             for event in events:
-                audit.ledger_entry(ledger_entry(event.report, run_id=run_id, server_round=rnd))
+                audit.ledger_entry(event.entry)
     except LedgerError as exc:
         raise FederationStopped(
             f"round {rnd}: the privacy ledger refused a branch's report, stopping the run: {exc}",
@@ -321,7 +339,11 @@ def screen_privacy(
         ) from exc
     result.privacy.extend(events)
     rejections.extend(dropped)
-    admitted = [e.report for e in events if e.report.admitted]
+    admitted = [
+        e.report
+        for e in events
+        if e.report.admitted and not (guard is not None and guard.over_budget(e.entry))
+    ]
     refused = [f"{e.report.branch}: {e.report.reason}" for e in events if not e.report.admitted]
     counts = {
         "admitted": float(len(admitted)),

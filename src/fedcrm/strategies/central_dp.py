@@ -43,10 +43,12 @@ from fedcrm.privacy import (
     CENTRAL_SAMPLE_RATE,
     LEDGER_SCOPE,
     OPACUS_VERSION,
+    AccountingEvent,
     CentralAccountant,
     CentralDPConfig,
     CentralDPMode,
     CentralNoisePlan,
+    event_json,
     flower_noise_multiplier,
     reseed_global_numpy,
 )
@@ -146,8 +148,13 @@ def branch_ledger_entry(
     cumulative: float,
     decision: Decision,
     reason: str | None = None,
+    noise_added_at: str = "server",
 ) -> LedgerEntry:
-    """One round of branch-level DP as a ledger row (Gaussian, add/remove one branch, q = 1)."""
+    """One round of branch-level DP as a ledger row (Gaussian, add/remove one branch, q = 1).
+
+    ``noise_added_at``: ``server`` (central DP) or ``branches`` (distributed DP).
+    """
+    admitted = decision == Decision.ADMITTED and noise_multiplier > 0
     return LedgerEntry(
         run_id=run_id,
         round=server_round,
@@ -170,6 +177,11 @@ def branch_ledger_entry(
         decision=decision,
         reason=reason,
         epsilon_budget=config.budget,
+        dp_event=event_json(
+            AccountingEvent(noise_multiplier, CENTRAL_SAMPLE_RATE, 1), noise_added_at=noise_added_at
+        )
+        if admitted
+        else None,
     )
 
 

@@ -117,6 +117,7 @@ class DistributedDPStrategy(Strategy):
             cumulative=cumulative,
             decision=decision,
             reason=reason,
+            noise_added_at="branches",
         )
 
     def _round_epsilon(self) -> float:

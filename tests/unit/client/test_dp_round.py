@@ -77,7 +77,15 @@ def _round(
 ) -> dp_round.DPRoundOutcome:
     with pytest.warns(InsecureRNGWarning):
         return dp_round.private_round(
-            b.task, b.data, b.arrays, b.settings, b.ctx(state), dp=dp, rounds=rounds, where=where
+            b.task,
+            b.data,
+            b.arrays,
+            b.settings,
+            b.ctx(state),
+            dp=dp,
+            rounds=rounds,
+            where=where,
+            run_id="r1",
         )
 
 
@@ -92,7 +100,7 @@ def test_admitted_round_trains_and_persists_the_spend(branch: Branch, tmp_path: 
     name = next(iter(branch.arrays))
     assert not np.array_equal(out.update.arrays[name], branch.arrays[name])
     rows = branch.task.private_rows(branch.data, branch.settings)
-    assert report.delta == pytest.approx(1 / rows.rows)  # default: 1/n, n = the DP-SGD rows
+    assert report.delta == pytest.approx(1 / (10 * rows.rows))  # default: 1/(10n), n DP-SGD rows
     assert report.privacy_unit == "customer" == rows.unit
     assert rows.note in report.reason
     assert 0 < report.epsilon_round == report.epsilon <= dp.budget
@@ -101,6 +109,13 @@ def test_admitted_round_trains_and_persists_the_spend(branch: Branch, tmp_path: 
     stored = BranchAccountant.load(path)
     assert stored.total_steps == report.steps
     assert stored.epsilon(report.delta) == pytest.approx(report.epsilon, abs=1e-12)
+    (spend,) = stored.spends  # reserved before training, released with the reply
+    assert (spend.spend_id, spend.run_id, spend.round, spend.status) == (
+        report.spend_id,
+        "r1",
+        1,
+        "released",
+    )
 
 
 def test_repeated_customers_make_the_churn_unit_record(branch: Branch) -> None:
@@ -129,6 +144,7 @@ def test_refused_round_changes_nothing(branch: Branch, tmp_path: Path) -> None:
         dp=dp,
         rounds=1,
         where=where,
+        run_id="r1",
     )
     report = out.report
     assert report.decision == "refused" and out.update is None
@@ -167,7 +183,7 @@ def test_cumulative_epsilon_never_decreases_across_rounds_and_restarts(
     for index in range(rounds):
         if index == restart_at:  # a restart: nothing but the JSON file survives
             reloaded = BranchAccountant.load(path) if path.exists() else BranchAccountant()
-            assert reloaded.epsilon(1 / n) == pytest.approx(seen[-1], abs=1e-12)
+            assert reloaded.epsilon(1 / (10 * n)) == pytest.approx(seen[-1], abs=1e-12)
         report = _round(branch, where, dp, rounds=rounds).report
         assert report.admitted
         assert report.epsilon_before == pytest.approx(seen[-1], abs=1e-12)
@@ -194,6 +210,7 @@ def test_corrupted_accountant_is_an_error_and_is_not_overwritten(
             dp=dp,
             rounds=2,
             where=where,
+            run_id="r1",
         )
     assert path.read_text() == '{"format": "fedcrm/branch-accountant", "history": []}'
 

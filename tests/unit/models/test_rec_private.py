@@ -141,7 +141,9 @@ def test_customer_round_past_the_budget_is_refused_and_trains_nothing(tmp_path: 
         server_round=1, seed=0, run_seed=0, config={}, state=RecordDict(), folder=tmp_path
     )
     where = BranchPrivacy(privacy_dir=tmp_path / "privacy", branch_name="north")
-    first = private_round(task, data, arrays, settings, ctx, dp=dp, rounds=1, where=where)
+    first = private_round(
+        task, data, arrays, settings, ctx, dp=dp, rounds=1, where=where, run_id="r"
+    )
     assert first.update is not None and first.report.decision == "admitted"
     assert first.report.privacy_unit == "customer"
     assert first.report.sample_rate == 1.0
@@ -157,7 +159,7 @@ def test_customer_round_past_the_budget_is_refused_and_trains_nothing(tmp_path: 
     saved = (tmp_path / k.REC_USER_FACTORS_FILE).read_bytes()
 
     second = private_round(
-        task, data, first.update.arrays, settings, ctx, dp=dp, rounds=1, where=where
+        task, data, first.update.arrays, settings, ctx, dp=dp, rounds=1, where=where, run_id="r"
     )
     assert second.update is None and second.report.decision == "refused"
     assert second.report.epsilon == first.report.epsilon  # nothing spent

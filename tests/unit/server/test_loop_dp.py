@@ -12,6 +12,7 @@ import pytest
 
 from conftest import TASK_IDS, Federation
 from fedcrm import wire as k
+from fedcrm.client import accountant_key
 from fedcrm.compliance import Decision, PrivacyLedger, PrivacyUnit, open_store, sqlite_url
 from fedcrm.exceptions import ConfigError, ErrorCode
 from fedcrm.privacy import BranchAccountant, DPSGDConfig, InsecureRNGWarning
@@ -51,6 +52,10 @@ def _run(
             ledger=ledger,
             run_id=run_id,
         )
+
+
+def _key(fed: Federation, folder: str) -> bytes | None:
+    return accountant_key((fed.branches / folder / "hmac.key").read_bytes())
 
 
 def _accountants(branches: Path) -> dict[str, bytes]:
@@ -167,13 +172,18 @@ def test_all_branches_refused_stops_the_run(federation: Federation, tmp_path: Pa
 
 
 @parametrize_tasks
-def test_a_reset_accountant_cannot_lower_the_ledger(federation: Federation, tmp_path: Path) -> None:
+def test_a_reset_accountant_learns_the_ledger_spends_and_trains_nothing(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """A branch that "forgets" its accountant gets the ledger's spends back before round 1."""
     ledger = _ledger(tmp_path)
     dp = _dp(federation)
     second = federation.simulated.branches[1].name
     _run(federation, ledger, "r1")
-    next(federation.branches.glob("001/privacy/*.accountant.json")).unlink()  # it "forgets"
-    with pytest.raises(FederationStopped, match="ledger refused"), pytest.warns(InsecureRNGWarning):
+    path = next(federation.branches.glob("001/privacy/*.accountant.json"))
+    path.unlink()  # it "forgets"
+    spent = ledger.cumulative_epsilon(second, dp.model, dp.purpose)
+    with pytest.raises(FederationStopped, match=r"only 0 of 3 branches were admitted \(3 refused"):
         run_federation(
             federation.grid,
             federation.federation,
@@ -183,9 +193,13 @@ def test_a_reset_accountant_cannot_lower_the_ledger(federation: Federation, tmp_
             ledger=ledger,
             run_id="r2",
         )
-    assert ledger.cumulative_epsilon(second, dp.model, dp.purpose) == pytest.approx(
-        max(e.cumulative_epsilon for e in ledger.entries(run_id="r1", branch=second))
-    )
+    assert ledger.cumulative_epsilon(second, dp.model, dp.purpose) == spent  # nothing lowered
+    assert all(e.decision == Decision.REFUSED for e in ledger.entries(run_id="r2"))
+    restored = BranchAccountant.load(path, key=_key(federation, "001"))
+    r1_ids = {e.spend_id for e in ledger.entries(run_id="r1", branch=second)}
+    assert {s.spend_id for s in restored.spends} == r1_ids  # the ledger's, and nothing new
+    delta = ledger.entries(run_id="r1", branch=second)[-1].delta
+    assert restored.epsilon(delta) == pytest.approx(spent, rel=1e-9)
 
 
 @parametrize_tasks
