@@ -44,6 +44,8 @@ from fedcrm.simulation.consent_setup import ConsentSetup, compliance_toml, parse
 from fedcrm.tasks import Task, get_task
 from fedcrm.tasks.registry import DEFAULT_TASK
 
+PRIVACY_STORE: Final = "privacy-store"
+"""``[dp]`` key: the folder of the virtual branches' accountants across runs."""
 CORE_KEYS: Final = frozenset({"task", "name", "seed", "cpus-per-branch"})
 CORE_TABLES: Final = frozenset({"federation", "dp", "central-dp", "aggregation", "compliance"})
 
@@ -61,6 +63,9 @@ class ExperimentConfig:
         seed: Seed of the data generation, the partition and (by default) the federation.
         cpus_per_branch: Ray CPUs per simulated branch.
         dp: DP-SGD on every branch (``[dp]``); ``None``: no DP.
+        privacy_store: ``[dp] privacy-store``: a folder holding every virtual branch's
+            accountants across runs (``<store>/<branch>/``); ``None``: each run's branches
+            start at ε = 0 in their own folders.
         central_dp: Branch-level central DP (``[central-dp]``); ``None``: none.
         aggregation: Aggregation mode and robust aggregator (``[aggregation]``).
         compliance: The run's declared purpose and simulated consent (``[compliance]``);
@@ -75,6 +80,7 @@ class ExperimentConfig:
     seed: int = 42
     cpus_per_branch: float = 1.0
     dp: DPSGDConfig | None = None
+    privacy_store: Path | None = None
     central_dp: CentralDPConfig | None = None
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     compliance: ConsentSetup | None = None
@@ -131,7 +137,7 @@ def parse_dp(section: Mapping[str, Any], task: Task[Any, Any]) -> DPSGDConfig:
     by_toml = {_dp_toml_key(key): key for key in DPSGD_RUN_CONFIG_KEYS}
     unknown = sorted(set(section) - set(by_toml))
     if unknown:
-        allowed = sorted({*by_toml, *task.dp_keys})
+        allowed = sorted({*by_toml, *task.dp_keys, PRIVACY_STORE})
         raise ConfigError(f"[dp] has unknown key(s) {unknown}; allowed: {allowed}")
     if "target-epsilon" not in section:
         raise ConfigError("[dp] needs target-epsilon (the per-branch epsilon after all rounds)")
@@ -187,6 +193,9 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
         defaults=experiment.settings_defaults(spec),
     )
     dp = None
+    store = dp_table.pop(PRIVACY_STORE, None)
+    if store is not None and (not isinstance(store, str) or not store.strip()):
+        raise ConfigError(f"[dp] {PRIVACY_STORE} must be a folder path, got {store!r}")
     if "dp" in raw:
         dp = parse_dp({key: v for key, v in dp_table.items() if key not in task.dp_keys}, task)
     central_dp = None
@@ -204,6 +213,7 @@ def parse_experiment(raw: Mapping[str, Any]) -> ExperimentConfig:
         seed=seed,
         cpus_per_branch=float(raw.get("cpus-per-branch", 1.0)),
         dp=dp,
+        privacy_store=None if store is None else Path(store).expanduser().resolve(),
         central_dp=central_dp,
         aggregation=AggregationConfig.from_table(_table(raw, "aggregation")),
         compliance=compliance,
@@ -249,6 +259,7 @@ def to_toml_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         out["dp"] = {
             **{_dp_toml_key(key): v for key, v in cfg.dp.to_run_config().items()},
             **{key: v for key, v in settings.items() if key in task.dp_keys},
+            **({} if cfg.privacy_store is None else {PRIVACY_STORE: str(cfg.privacy_store)}),
         }
     if cfg.central_dp is not None:
         out["central-dp"] = central_dp_toml(cfg.central_dp)

@@ -18,7 +18,8 @@ Run directory layout::
       summary.json         federated and centralised metrics (machine-readable)
       report.md, metric_per_round.png
       ledger.db            DP runs: the privacy ledger (SQLite), unless [dp] ledger-url names
-                           another store
+                           another store ([dp] privacy-store keeps the branches' accountants
+                           across runs: <store>/<branch>/)
       keys/, checkpoints/  HE runs: the run's CKKS keys and the server's ciphertext checkpoints
       compliance.db        consent-gated runs ([compliance]): consent registry, audit log,
                            lineage; audit-log.jsonl its signed export, audit-key.pem(.pub) the
@@ -29,6 +30,7 @@ Run directory layout::
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -72,6 +74,7 @@ from fedcrm.tasks import Arrays, FinishedRun, SimulatedFederation
 
 logger = logging.getLogger(__name__)
 
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 PhaseCallback = Callable[[str], None]
 RoundHook = Callable[[RoundRecord], None]
 
@@ -274,6 +277,19 @@ def traffic_summary(
     }
 
 
+def use_privacy_store(federation: SimulatedFederation, store: Path) -> None:
+    """Point every virtual branch at its accountants in the shared store (``<store>/<name>/``).
+
+    The branch's ``branch.json`` names the folder; its accountants there outlive the run, so
+    the next run of the same branches starts at the ε they have spent.
+    """
+    for branch in federation.branches:
+        info_path = branch.folder / "branch.json"
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info["privacy-dir"] = str(store / _SAFE_NAME.sub("_", branch.name))
+        info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
 def ledger_path(run_dir: Path) -> Path:
     """The run's privacy ledger (SQLite) unless ``[dp] ledger-url`` names another store."""
     return run_dir / "ledger.db"
@@ -338,6 +354,8 @@ def run_experiment(
     resolved = replace(cfg, settings=settings)
     (run_dir / "config.toml").write_text(tomli_w.dumps(to_toml_dict(resolved)), encoding="utf-8")
     _check_branches(cfg, federation)
+    if cfg.dp is not None and cfg.privacy_store is not None:
+        use_privacy_store(federation, cfg.privacy_store)
     seed = cfg.federation.seed
     trail, consent_made_up = None, None
     if cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
