@@ -315,10 +315,20 @@ def ledger_show(
     rounds: Annotated[
         bool, typer.Option("--rounds/--no-rounds", help="Also print the per-round table.")
     ] = True,
+    customer: Annotated[
+        str | None,
+        typer.Option(
+            help="A customer's pseudonym: print their own epsilon (individual accounting) from "
+            "the branch's customers.db, or from every customers.db under a folder (--db)."
+        ),
+    ] = None,
 ) -> None:
     """Print the cumulative epsilon per branch and every round's privacy decision."""
     from fedcrm.compliance import LedgerEntry
 
+    if customer is not None:
+        _customer_show(db, customer, branch=branch)
+        return
     entries = _ledger_entries(db, run=run, branch=branch)
     if not entries:
         console.print("the ledger holds no entry for this selection")
@@ -384,6 +394,49 @@ def _ledger_entries(db: str, *, run: str | None, branch: str | None) -> list[Any
     except FedCrmError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+def _customer_show(db: str, customer: str, *, branch: str | None) -> None:
+    """Print a customer's cumulative ε from the per-customer ledgers at ``db``."""
+    from fedcrm.client import CUSTOMER_LEDGER
+    from fedcrm.compliance import CustomerLedger, open_store, sqlite_url
+
+    root = Path(db)
+    stores = sorted(root.rglob(CUSTOMER_LEDGER)) if root.is_dir() else [root]
+    if ("://" not in db and not all(p.is_file() for p in stores)) or not stores:
+        err.print(
+            f"[red]error:[/red] no per-customer ledger at {db}: pass a branch's "
+            f"{CUSTOMER_LEDGER} (in its privacy folder) or a folder holding them"
+        )
+        raise typer.Exit(2)
+    urls = [db] if "://" in db else [sqlite_url(p) for p in stores]
+    table = Table(title=f"Cumulative ε of customer {customer} (individual accounting)")
+    for col in ("branch", "model", "purpose", "ε", "δ", "unit", "accountant", "spends"):
+        table.add_column(col, justify="left" if col in ("branch", "model", "purpose") else "right")
+    found = 0
+    try:
+        for url in urls:
+            for t in CustomerLedger(open_store(url, migrate=False)).customer(
+                customer, branch=branch
+            ):
+                found += 1
+                table.add_row(
+                    t.branch,
+                    t.model,
+                    t.purpose,
+                    f"{t.cumulative_epsilon:.4f}",
+                    f"{t.delta:.2e}",
+                    str(t.privacy_unit),
+                    str(t.accountant),
+                    str(t.spends),
+                )
+    except FedCrmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if not found:
+        console.print(f"no DP-SGD spend recorded in {db} included customer {customer}")
+        return
+    console.print(table)
 
 
 @ledger_app.command("recompute")

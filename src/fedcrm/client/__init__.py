@@ -11,12 +11,19 @@ from fedcrm.client.central_dp_mod import (
     fixed_clipping_mod,
 )
 from fedcrm.client.consent_gate import BranchConsent, GateResult, apply_gate, commit_round
-from fedcrm.client.dp_round import BranchPrivacy, accountant_key, accountant_path, private_round
+from fedcrm.client.dp_round import (
+    CUSTOMER_LEDGER,
+    BranchPrivacy,
+    accountant_key,
+    accountant_path,
+    private_round,
+)
 from fedcrm.client.he_mod import HEMod
 from fedcrm.client.secagg_client import SecAggUpdateRefused, secagg_mod
 from fedcrm.client.source import branch_dir, resolve_source
 
 __all__ = [
+    "CUSTOMER_LEDGER",
     "BranchConsent",
     "BranchPrivacy",
     "GateResult",

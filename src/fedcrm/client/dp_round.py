@@ -27,6 +27,14 @@ from typing import Any
 from flwr.app import ConfigRecord, RecordDict
 
 from fedcrm import wire as k
+from fedcrm.compliance import (
+    Accountant,
+    CustomerLedger,
+    PrivacyUnit,
+    SpendCustomers,
+    open_store,
+    sqlite_url,
+)
 from fedcrm.exceptions import FedCrmError
 from fedcrm.privacy import (
     OPACUS_VERSION,
@@ -37,6 +45,8 @@ from fedcrm.privacy import (
     DPSGDConfig,
     NoisePlan,
     PrivacyReport,
+    Spend,
+    compute_epsilon,
     parse_spends,
     plan_for_config,
 )
@@ -66,7 +76,8 @@ class BranchPrivacy:
     """Where and under which name a branch keeps its privacy state.
 
     Attributes:
-        privacy_dir: The folder of its accountant files.
+        privacy_dir: The folder of its accountant files and of its per-customer ledger
+            (``customers.db``, a compliance store).
         branch_name: Its name in the ledger.
         key: HMAC key of the accountant files (`accountant_key`; ``None``: SHA-256 only).
     """
@@ -74,6 +85,51 @@ class BranchPrivacy:
     privacy_dir: Path
     branch_name: str
     key: bytes | None = None
+
+    def customers(self) -> CustomerLedger:
+        """The branch's per-customer ledger (created on first use)."""
+        self.privacy_dir.mkdir(parents=True, exist_ok=True)
+        return CustomerLedger(open_store(sqlite_url(self.privacy_dir / CUSTOMER_LEDGER)))
+
+
+CUSTOMER_LEDGER = "customers.db"
+"""The branch's per-customer ledger in its privacy folder."""
+
+
+def customer_epsilons(
+    accountant: BranchAccountant,
+    ledger: CustomerLedger,
+    *,
+    spend: Spend,
+    customers: list[str],
+    branch: str,
+    dp: DPSGDConfig,
+    delta: float,
+) -> dict[str, float]:
+    """Each included customer's cumulative ε after ``spend`` (individual accounting).
+
+    A customer's history is the spends recorded with them, plus every spend whose customers
+    were never recorded (version-1 accountants, spends learnt from the coordinator's ledger,
+    a crash before the record): those count for everyone.
+    """
+    by_id = {s.spend_id: s.event for s in accountant.spends if s.spend_id is not None}
+    recorded = ledger.recorded_spends(branch, dp.model, dp.purpose)
+    unknown = [
+        s.event
+        for s in accountant.spends
+        if s.spend_id != spend.spend_id and (s.spend_id is None or s.spend_id not in recorded)
+    ]
+    history = ledger.spends_by_customer(branch, dp.model, dp.purpose)
+    groups: dict[frozenset[str], list[str]] = {}
+    for customer in dict.fromkeys(customers):
+        key = frozenset(history.get(customer, set()) & by_id.keys())
+        groups.setdefault(key, []).append(customer)
+    out: dict[str, float] = {}
+    for key, members in groups.items():
+        events = [*unknown, *(by_id[i] for i in sorted(key)), spend.event]
+        epsilon = compute_epsilon(events, delta=delta, accountant=dp.accountant)
+        out.update(dict.fromkeys(members, epsilon))
+    return out
 
 
 @dataclass(frozen=True)
@@ -273,6 +329,30 @@ def private_round(
         server_round=ctx.server_round,
     )
     accountant.save(path, key=where.key)
+    if rows.unit == "customer":  # which customers this spend includes, before it trains
+        customers = where.customers()
+        customers.record(
+            SpendCustomers(
+                branch=where.branch_name,
+                model=dp.model,
+                purpose=dp.purpose,
+                spend_id=spend.spend_id or "",
+                run_id=run_id,
+                round=ctx.server_round,
+                delta=noise.delta,
+                privacy_unit=PrivacyUnit(rows.unit),
+                accountant=Accountant(dp.accountant),
+                epsilons=customer_epsilons(
+                    accountant,
+                    customers,
+                    spend=spend,
+                    customers=list(data.subjects()["train"]),  # type: ignore[attr-defined]
+                    branch=where.branch_name,
+                    dp=dp,
+                    delta=noise.delta,
+                ),
+            )
+        )
     update = task.train_private(data, arrays, settings, ctx, config=dp, plan=noise)
     taken = 0 if update.event is None else update.event.steps
     if taken > noise.steps_per_round:  # make_private's step limit makes this impossible

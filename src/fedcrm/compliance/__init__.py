@@ -27,6 +27,7 @@ from fedcrm.compliance.consent import (
     Notice,
     PurposeStatus,
 )
+from fedcrm.compliance.customer_ledger import CustomerLedger, CustomerTotal, SpendCustomers
 from fedcrm.compliance.db import (
     current_revision,
     downgrade,
@@ -111,6 +112,8 @@ __all__ = [
     "ConsentValidationError",
     "CoverageCount",
     "CumulativeEpsilonDecrease",
+    "CustomerLedger",
+    "CustomerTotal",
     "Decision",
     "DuplicateSpend",
     "EventType",
@@ -141,6 +144,7 @@ __all__ = [
     "RoundManifest",
     "SamplingMethod",
     "SignatureError",
+    "SpendCustomers",
     "StoreError",
     "SubjectShredded",
     "current_revision",

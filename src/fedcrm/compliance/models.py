@@ -16,6 +16,8 @@ Tables:
     DELETE); the current status of a purpose is its latest event.
     ``api_keys``: API keys of the compliance service, stored as SHA-256 hashes only.
     ``round_manifests``, ``model_releases``: lineage of federated runs (append-only).
+    ``customer_spends``, ``customer_privacy``: the per-customer ledger (which spends included
+    each customer, and each customer's cumulative ε).
 """
 
 from __future__ import annotations
@@ -236,6 +238,49 @@ class PrivacyLedgerTotal(Base):
     purpose: Mapped[str] = mapped_column(String(64), primary_key=True)
     cumulative_epsilon: Mapped[float] = mapped_column(Double)
     last_entry_id: Mapped[int] = mapped_column(Integer, ForeignKey("privacy_ledger.id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CustomerSpend(Base):
+    """One customer's rows were in one DP-SGD spend of their branch (append-only)."""
+
+    __tablename__ = "customer_spends"
+    __table_args__ = (
+        UniqueConstraint(
+            "branch", "customer", "model", "purpose", "spend_id", name="uq_customer_spends"
+        ),
+        Index("ix_customer_spends_scope", "branch", "model", "purpose"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    branch: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    customer: Mapped[str] = mapped_column(String(_REF_LENGTH), index=True)
+    model: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    purpose: Mapped[str] = mapped_column(String(64))
+    spend_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(_REF_LENGTH))
+    round: Mapped[int] = mapped_column(Integer)
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CustomerPrivacy(Base):
+    """A customer's cumulative ε for (branch, model, purpose): never lowered."""
+
+    __tablename__ = "customer_privacy"
+    __table_args__ = (
+        CheckConstraint("cumulative_epsilon >= 0", name="customer_epsilon_non_negative"),
+        CheckConstraint("delta > 0 AND delta < 1", name="customer_delta_range"),
+    )
+
+    branch: Mapped[str] = mapped_column(String(_REF_LENGTH), primary_key=True)
+    customer: Mapped[str] = mapped_column(String(_REF_LENGTH), primary_key=True)
+    model: Mapped[str] = mapped_column(String(_REF_LENGTH), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cumulative_epsilon: Mapped[float] = mapped_column(Double)
+    delta: Mapped[float] = mapped_column(Double)
+    privacy_unit: Mapped[PrivacyUnit] = mapped_column(_str_enum(PrivacyUnit, "privacy_unit"))
+    accountant: Mapped[Accountant] = mapped_column(_str_enum(Accountant, "accountant"))
+    spends: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

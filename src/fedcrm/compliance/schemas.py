@@ -24,11 +24,13 @@ from fedcrm.compliance.core.config import (
     SecurityMeasures,
 )
 from fedcrm.compliance.enums import (
+    Accountant,
     Channel,
     CollectionMethod,
     ConsentStatus,
     Decision,
     LegalBasis,
+    PrivacyUnit,
     Purpose,
     Role,
 )
@@ -349,6 +351,21 @@ class LedgerTotalPublic(_Out):
     model: str
     purpose: str
     cumulative_epsilon: float
+    updated_at: datetime
+
+
+class CustomerPrivacyPublic(_Out):
+    """A customer's cumulative ε for one (branch, model, purpose): individual accounting."""
+
+    branch: str
+    customer: str
+    model: str
+    purpose: str
+    cumulative_epsilon: float
+    delta: float
+    privacy_unit: PrivacyUnit
+    accountant: Accountant
+    spends: int
     updated_at: datetime
 
 

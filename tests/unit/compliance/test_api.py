@@ -95,6 +95,7 @@ PER_CUSTOMER = [
     ("POST", "/consent/b1/customers/p_1/withdraw"),
     ("GET", "/ledger/entries"),
     ("GET", "/ledger/runs/run-1"),
+    ("GET", "/ledger/customers/p_1"),
 ]
 OFFICER_ONLY = [
     ("POST", "/consent/b1/customers/p_1/erase"),
@@ -442,3 +443,52 @@ def test_erasure_voids_consent_and_is_final(api: Api) -> None:
     assert again.status_code == 410
     regive = api.client.post("/consent/b1/customers/p_1/give", json=GIVE, headers=api.officer)
     assert regive.status_code == 409
+
+
+def test_a_customers_own_epsilon_per_branch_model_and_purpose(api: Api) -> None:
+    from fedcrm.compliance import Accountant, CustomerLedger, PrivacyUnit, SpendCustomers
+
+    customers = CustomerLedger(api.services.factory)
+    for branch, spend, epsilons in (
+        ("b1", "s1", {"p_1": 0.4, "p_2": 0.4}),
+        ("b1", "s2", {"p_1": 0.7}),
+        ("b2", "s3", {"p_1": 0.2}),
+    ):
+        customers.record(
+            SpendCustomers(
+                branch=branch,
+                model="churn",
+                purpose="churn-model-training",
+                spend_id=spend,
+                run_id="run-1",
+                round=1,
+                delta=1e-4,
+                privacy_unit=PrivacyUnit.CUSTOMER,
+                accountant=Accountant.RDP,
+                epsilons=epsilons,
+            )
+        )
+    everything = api.client.get("/ledger/customers/p_1", headers=api.officer).json()
+    assert [(r["branch"], r["cumulative_epsilon"], r["spends"]) for r in everything] == [
+        ("b1", 0.7, 2),
+        ("b2", 0.2, 1),
+    ]
+    assert everything[0]["delta"] == 1e-4 and everything[0]["privacy_unit"] == "customer"
+    own = api.client.get("/ledger/customers/p_1", headers=api.branch2).json()
+    assert [r["branch"] for r in own] == ["b2"]
+    assert api.client.get("/ledger/customers/p_9", headers=api.officer).json() == []
+    with pytest.raises(Exception, match="lower"):  # a customer's ε is never lowered
+        customers.record(
+            SpendCustomers(
+                branch="b1",
+                model="churn",
+                purpose="churn-model-training",
+                spend_id="s4",
+                run_id="run-1",
+                round=2,
+                delta=1e-4,
+                privacy_unit=PrivacyUnit.CUSTOMER,
+                accountant=Accountant.RDP,
+                epsilons={"p_1": 0.5},
+            )
+        )

@@ -44,6 +44,8 @@ TABLES = {
     "api_keys",
     "round_manifests",
     "model_releases",
+    "customer_spends",
+    "customer_privacy",
 }
 
 

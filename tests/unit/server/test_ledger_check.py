@@ -12,8 +12,7 @@ from fedcrm.cli import app
 from fedcrm.compliance import Decision, PrivacyLedger, open_store, sqlite_url
 from fedcrm.privacy import DPSGDConfig
 from fedcrm.privacy.dp import parse_event
-from fedcrm.server import run_federation
-from fedcrm.server import recompute_ledger
+from fedcrm.server import recompute_ledger, run_federation
 
 pytestmark = pytest.mark.filterwarnings("ignore::fedcrm.privacy.InsecureRNGWarning")
 

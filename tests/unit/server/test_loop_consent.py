@@ -13,6 +13,7 @@ import pytest
 
 from conftest import TASK_IDS, Federation, build_federation, small_experiment
 from fedcrm import wire as k
+from fedcrm.client import accountant_key
 from fedcrm.compliance import (
     ConsentRegistry,
     EventType,
@@ -228,3 +229,69 @@ def test_dp_run_with_gate_logs_ledger_entries(gated: dict[str, Any], tmp_path: P
     manifests = {e.manifest.branch: e.manifest for e in result.manifests}
     entries = {e.branch: e for e in ledger.entries(run_id="run-dp")}
     assert entries[names[0]].delta == pytest.approx(1 / (10 * manifests[names[0]].rows_after))
+
+
+def test_a_customer_who_withdraws_stops_spending_their_own_epsilon(
+    gated: dict[str, Any], tmp_path: Path
+) -> None:
+    """Individual accounting: a customer's ε counts only the rounds that included them."""
+    from typer.testing import CliRunner
+
+    from fedcrm.cli import app
+    from fedcrm.client import CUSTOMER_LEDGER
+    from fedcrm.compliance import CustomerLedger
+    from fedcrm.privacy import BranchAccountant
+
+    registry, fed, names = gated["registry"], gated["fed"], gated["names"]
+    task = get_task(fed.federation.task)
+    trained = task.experiment.subjects(
+        fed.simulated, fed.simulated.branches[0], fed.settings, seed=fed.federation.seed
+    )["train"]
+    leaver = next(c for c in trained if c not in gated["customers"][0][:10])
+    stayer = next(c for c in trained if c not in gated["customers"][0][:10] and c != leaver)
+    dp = DPSGDConfig(
+        target_epsilon=3.0,
+        noise_multiplier=2.0,
+        max_epsilon=50.0,
+        model=task.model_name,
+        purpose=task.purpose,
+    )
+
+    def withdraw_after_first(record: RoundRecord) -> None:
+        if record.round == 1:
+            registry.withdraw(branch=names[0], subject=leaver, channel="web", actor="customer")
+
+    with pytest.warns(InsecureRNGWarning):
+        run_federation(
+            fed.grid,
+            fed.federation,
+            fed.settings,
+            min_nodes=3,
+            run_id="run-c",
+            purpose=gated["purpose"],
+            dp=dp,
+            ledger=PrivacyLedger(open_store(sqlite_url(tmp_path / "ledger.db"))),
+            on_round=withdraw_after_first,
+        )
+    privacy = fed.branches / "000" / "privacy"
+    customers = CustomerLedger(open_store(sqlite_url(privacy / CUSTOMER_LEDGER)))
+    (left,) = customers.customer(leaver)
+    (stayed,) = customers.customer(stayer)
+    assert (left.spends, stayed.spends) == (1, 3)
+    assert 0 < left.cumulative_epsilon < stayed.cumulative_epsilon
+    accountant = BranchAccountant.load(
+        next(privacy.glob("*.accountant.json")),
+        key=accountant_key((fed.branches / "000" / "hmac.key").read_bytes()),
+    )
+    assert stayed.cumulative_epsilon == pytest.approx(accountant.epsilon(stayed.delta))
+    assert left.cumulative_epsilon == pytest.approx(
+        BranchAccountant(history=accountant.history[:1]).epsilon(left.delta)
+    )
+    assert customers.customer("p_unknown") == []
+    shown = CliRunner().invoke(
+        app,
+        ["ledger", "show", "--customer", leaver, "--db", str(fed.branches)],
+        env={"COLUMNS": "200"},
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"{left.cumulative_epsilon:.4f}" in shown.output and names[0] in shown.output

@@ -1,7 +1,9 @@
 """Privacy-ledger routes: totals, entries per branch, model and run, and ε burn-down.
 
-Officer: everything. Branch key: its own branch's entries. Researcher: totals and burn-down
-only (aggregates per branch and model; the ledger holds no per-customer data either way).
+Officer: everything. Branch key: its own branch's entries and customers. Researcher: totals
+and burn-down only (aggregates per branch and model). A customer's ε (individual accounting)
+comes from the per-customer ledger of the store the service runs on (a branch's
+``customers.db``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from fedcrm.compliance.api.deps import (
     CurrentCustomerReader,
     LedgerDep,
     NameQuery,
+    ServicesDep,
     scope_branch,
 )
 from fedcrm.compliance.consent import NAME_PATTERN
+from fedcrm.compliance.customer_ledger import CustomerLedger
 from fedcrm.compliance.enums import Decision
 from fedcrm.compliance.ledger import LedgerEntry
 from fedcrm.compliance.schemas import (
     BurnDownPointPublic,
     BurnDownPublic,
+    CustomerPrivacyPublic,
     LedgerEntryPublic,
     LedgerTotalPublic,
 )
@@ -114,3 +119,19 @@ def burn_down(
     """Return the ε burn-down of every (branch, model, purpose) against its budget."""
     scoped = scope_branch(principal, branch)
     return burn_down_series(ledger.entries(branch=scoped, model=model))
+
+
+@router.get("/customers/{customer_id}", responses=ROLE_ERRORS)
+def customer_epsilon(
+    customer_id: Annotated[str, Path(pattern=NAME_PATTERN)],
+    principal: CurrentCustomerReader,
+    services: ServicesDep,
+    branch: NameQuery = None,
+) -> list[CustomerPrivacyPublic]:
+    """Return a customer's cumulative ε per (branch, model, purpose) (a branch key: its own).
+
+    Empty when no DP-SGD spend of this store included the customer.
+    """
+    scoped = scope_branch(principal, branch)
+    found = CustomerLedger(services.factory).customer(customer_id, branch=scoped)
+    return [CustomerPrivacyPublic.model_validate(total) for total in found]
