@@ -104,6 +104,7 @@ def federate(
                     dp=dp,
                     rounds=f.num_rounds,
                     where=where,
+                    run_id="bench",
                 )
             if res.update is None:
                 raise SystemExit(f"unexpected refusal: {res.report.reason}")
