@@ -5,9 +5,12 @@ Revises: 0004_ledger_spends
 Create Date: 2026-12-04
 
 ``customer_spends`` holds one row per (branch, customer, model, purpose, spend): written by the
-branch before it trains, append-only (database triggers refuse UPDATE and DELETE).
-``customer_privacy`` holds each customer's cumulative ε for (branch, model, purpose), composed
-over the spends that included them (individual accounting); it is never lowered.
+branch before it trains, never updated. ``customer_privacy`` holds each customer's cumulative ε
+for (branch, model, purpose), composed over the spends that included them (individual
+accounting). Database triggers make the budgets' history tamper-resistant for every writer,
+not only for the repositories: ``privacy_ledger`` rows are never updated or deleted, and no
+UPDATE lowers a cumulative ε in ``privacy_ledger_totals`` or ``customer_privacy`` (nor deletes
+a ledger total). (A customer's rows may still be deleted: an erasure request may need to.)
 """
 
 from collections.abc import Sequence
@@ -21,6 +24,36 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _REF = 128
+
+_GUARDS = {
+    # trigger name: (table, event, SQLite WHEN condition / PostgreSQL IF condition, message)
+    "privacy_ledger_no_update": ("privacy_ledger", "UPDATE", None, "the ledger is append-only"),
+    "privacy_ledger_no_delete": ("privacy_ledger", "DELETE", None, "the ledger is append-only"),
+    "privacy_totals_no_delete": (
+        "privacy_ledger_totals",
+        "DELETE",
+        None,
+        "a cumulative epsilon is never deleted",
+    ),
+    "privacy_totals_no_decrease": (
+        "privacy_ledger_totals",
+        "UPDATE",
+        "NEW.cumulative_epsilon < OLD.cumulative_epsilon",
+        "a cumulative epsilon never decreases",
+    ),
+    "customer_spends_no_update": (
+        "customer_spends",
+        "UPDATE",
+        None,
+        "customer_spends is append-only",
+    ),
+    "customer_privacy_no_decrease": (
+        "customer_privacy",
+        "UPDATE",
+        "NEW.cumulative_epsilon < OLD.cumulative_epsilon",
+        "a customer epsilon never decreases",
+    ),
+}
 
 
 def _utc() -> sa.DateTime:
@@ -77,32 +110,37 @@ def upgrade() -> None:
         ),
     )
     dialect = op.get_bind().dialect.name
-    if dialect == "sqlite":
-        for action in ("UPDATE", "DELETE"):
+    for name, (table, event, condition, message) in _GUARDS.items():
+        if dialect == "sqlite":
+            when = f" WHEN {condition}" if condition else ""
             op.execute(
-                f"CREATE TRIGGER customer_spends_no_{action.lower()} BEFORE {action} ON "
-                "customer_spends BEGIN SELECT RAISE(ABORT, 'customer_spends is append-only'); END"
+                f"CREATE TRIGGER {name} BEFORE {event} ON {table}{when} "
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
             )
-    elif dialect == "postgresql":
-        op.execute(
-            "CREATE FUNCTION customer_spends_append_only() RETURNS trigger LANGUAGE plpgsql AS "
-            "$$ BEGIN RAISE EXCEPTION 'customer_spends is append-only'; END $$"
-        )
-        op.execute(
-            "CREATE TRIGGER customer_spends_append_only BEFORE UPDATE OR DELETE ON "
-            "customer_spends FOR EACH ROW EXECUTE FUNCTION customer_spends_append_only()"
-        )
+        elif dialect == "postgresql":
+            body = f"RAISE EXCEPTION '{message}';"
+            if condition:
+                body = f"IF {condition} THEN {body} END IF;"
+            result = "OLD" if event == "DELETE" else "NEW"
+            op.execute(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+                f"$$ BEGIN {body} RETURN {result}; END $$"
+            )
+            op.execute(
+                f"CREATE TRIGGER {name} BEFORE {event} ON {table} "
+                f"FOR EACH ROW EXECUTE FUNCTION {name}()"
+            )
 
 
 def downgrade() -> None:
     """Drop both tables (the per-customer evidence is lost: operators only)."""
     dialect = op.get_bind().dialect.name
-    if dialect == "sqlite":
-        for action in ("update", "delete"):
-            op.execute(f"DROP TRIGGER IF EXISTS customer_spends_no_{action}")
-    elif dialect == "postgresql":
-        op.execute("DROP TRIGGER IF EXISTS customer_spends_append_only ON customer_spends")
-        op.execute("DROP FUNCTION IF EXISTS customer_spends_append_only()")
+    for name, (table, _event, _condition, _message) in _GUARDS.items():
+        if dialect == "sqlite":
+            op.execute(f"DROP TRIGGER IF EXISTS {name}")
+        elif dialect == "postgresql":
+            op.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+            op.execute(f"DROP FUNCTION IF EXISTS {name}()")
     op.drop_table("customer_privacy")
     op.drop_index("ix_customer_spends_scope", table_name="customer_spends")
     op.drop_index("ix_customer_spends_customer", table_name="customer_spends")
