@@ -146,17 +146,22 @@ def data_synth(
     console.print(f"wrote {rows} synthetic {schema!r} customers to {out}")
 
 
-def run_with_progress(config: Path, runs_dir: Path) -> Path:
+def run_with_progress(config: Path, runs_dir: Path, *, resume: bool = False) -> Path:
     """Run an experiment of any task with a progress bar; return its run directory.
+
+    Args:
+        config: The experiment TOML, or with ``resume`` the run directory to go on with.
+        runs_dir: Where run directories are created.
+        resume: Resume the stopped run ``config`` after its last completed round.
 
     Raises:
         FedCrmError: The configuration is invalid or the run failed.
     """
     from fedcrm.server.result import RoundRecord
+    from fedcrm.simulation import resume_experiment, run_experiment
     from fedcrm.simulation.config import load_experiment
-    from fedcrm.simulation.runner import run_experiment
 
-    cfg = load_experiment(config)
+    cfg = load_experiment(config / "config.toml" if resume else config)
     label, key = cfg.plugin.headline(cfg.settings)
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -180,6 +185,8 @@ def run_with_progress(config: Path, runs_dir: Path) -> Path:
         def on_phase(message: str) -> None:
             progress.console.print(f"[dim]{cfg.name}: {message}[/dim]")
 
+        if resume:
+            return resume_experiment(config, on_round=on_round, on_phase=on_phase)
         return run_experiment(cfg, runs_root=runs_dir, on_round=on_round, on_phase=on_phase)
 
 
@@ -232,6 +239,24 @@ def simulate(
     _results([run_dir])
     if (run_dir / "compliance.db").is_file():
         _compliance_epilogue(run_dir)
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory of a stopped run.")],
+) -> None:
+    """Resume a stopped simulation after its last completed round, in its own directory.
+
+    The ledger is first reconciled with the branches' accountants (a spend made in the round
+    that did not complete is recorded once); cumulative epsilon goes on from where it was.
+    """
+    try:
+        run_with_progress(run_dir, run_dir.parent, resume=True)
+    except FedCrmError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _results([run_dir])
     console.print(f"run directory: {run_dir}")
 
 
@@ -297,6 +322,9 @@ def demo(
                 f"{privacy.get('delta_rule', '?')}, {privacy.get('accountant', '?')} accountant"
             )
             ledger_show(db=str(d / "ledger.db"), run=None, branch=None, rounds=False)
+            _customer_summary(d / "branches")
+            console.print(f"$ fedcrm ledger recompute --db {d / 'ledger.db'}")
+            ledger_recompute(db=str(d / "ledger.db"), run=None)
     for d in run_dirs:
         if (d / "compliance.db").is_file():  # consent-gated (telco_dirichlet.toml [compliance])
             _compliance_epilogue(d)
@@ -394,6 +422,35 @@ def _ledger_entries(db: str, *, run: str | None, branch: str | None) -> list[Any
     except FedCrmError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
+
+
+def _customer_summary(root: Path) -> None:
+    """Per branch: the spread of its customers' own ε (individual accounting)."""
+    from statistics import median
+
+    from fedcrm.client import CUSTOMER_LEDGER
+    from fedcrm.compliance import CustomerLedger, open_store, sqlite_url
+
+    table = Table(title="Per-customer ε (each customer's own spends; ε at the stated δ)")
+    for col in ("branch", "customers", "min ε", "median ε", "max ε", "δ", "unit", "accountant"):
+        table.add_column(col, justify="left" if col == "branch" else "right")
+    for path in sorted(root.rglob(CUSTOMER_LEDGER)):
+        totals = CustomerLedger(open_store(sqlite_url(path), migrate=False)).totals()
+        if not totals:
+            continue
+        eps = [t.cumulative_epsilon for t in totals]
+        table.add_row(
+            totals[0].branch,
+            str(len(totals)),
+            f"{min(eps):.4f}",
+            f"{median(eps):.4f}",
+            f"{max(eps):.4f}",
+            f"{totals[0].delta:.2e}",
+            str(totals[0].privacy_unit),
+            str(totals[0].accountant),
+        )
+    if table.row_count:
+        console.print(table)
 
 
 def _customer_show(db: str, customer: str, *, branch: str | None) -> None:

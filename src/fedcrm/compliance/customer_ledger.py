@@ -166,13 +166,23 @@ class CustomerLedger:
 
     def customer(self, customer: str, *, branch: str | None = None) -> list[CustomerTotal]:
         """A customer's cumulative ε per (branch, model, purpose)."""
+        return self.totals(customer=customer, branch=branch)
+
+    def totals(
+        self, *, customer: str | None = None, branch: str | None = None
+    ) -> list[CustomerTotal]:
+        """Every customer's cumulative ε (optionally one customer's, one branch's)."""
         query = (
             select(CustomerPrivacy)
             .where(
-                CustomerPrivacy.customer == customer,
-                *equalities((CustomerPrivacy.branch, branch)),
+                *equalities((CustomerPrivacy.customer, customer), (CustomerPrivacy.branch, branch))
             )
-            .order_by(CustomerPrivacy.branch, CustomerPrivacy.model, CustomerPrivacy.purpose)
+            .order_by(
+                CustomerPrivacy.branch,
+                CustomerPrivacy.model,
+                CustomerPrivacy.purpose,
+                CustomerPrivacy.customer,
+            )
         )
         with self._factory() as session:
             return [

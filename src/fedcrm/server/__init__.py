@@ -7,6 +7,7 @@ its outputs, the traffic meter, and the privacy budget kept in step with the led
 
 from fedcrm.server.app import deployed_wiring, make_server_app
 from fedcrm.server.budget import BudgetGuard
+from fedcrm.server.checkpoint import Resumed, RoundCheckpoints
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.ledger_check import RowCheck, recompute_ledger
 from fedcrm.server.loop import StrategyWrapper, run_federation, wait_for_nodes
@@ -32,7 +33,9 @@ __all__ = [
     "FederationStopped",
     "MeteredGrid",
     "PrivacyEvent",
+    "Resumed",
     "RoundCallback",
+    "RoundCheckpoints",
     "RoundRecord",
     "RoundTraffic",
     "RowCheck",

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcrm.compliance import PrivacyLedger, open_store, sqlite_url
 from fedcrm.privacy import CentralDPConfig, DPSGDConfig
 from fedcrm.privacy.keys import load_public_context
+from fedcrm.server.checkpoint import RoundCheckpoints
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.loop import run_federation
 from fedcrm.server.outputs import DEFAULT_OUT_DIR, write_outputs
@@ -37,6 +38,12 @@ DEFAULT_LEDGER: Final = Path("fedcrm-ledger.db")
 """The privacy ledger of a deployment when neither the run config nor the caller names one."""
 OUT_DIR_KEY: Final = "out-dir"
 """Run-config key: where a deployed run writes its model and round records."""
+CHECKPOINT_DIR_KEY: Final = "checkpoint-dir"
+"""Run config: where the coordinator saves its state after every round; a run started again
+with the same ``run-name`` resumes after its last completed round."""
+RUN_NAME_KEY: Final = "run-name"
+"""Run config: the run's id in the ledger, audit log, checkpoints and ``out-dir`` (default:
+Flower's run id)."""
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +116,7 @@ def make_server_app(
     compliance: ComplianceConfig | None = None,
     audit: RunAudit | None = None,
     traffic: TrafficMeter | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> ServerApp:
     """Build the ServerApp.
 
@@ -132,6 +140,8 @@ def make_server_app(
             ``audit-url`` from the run config (neither: no consent gate, no audit trail).
         audit: The run's audit trail, if the caller opened it (else one over ``audit-url``).
         traffic: Counts the bytes of every train and evaluate message (read it per round).
+        checkpoint_dir: Where the state is saved after every round (a run resumes from it);
+            ``None`` reads ``checkpoint-dir`` from the run config (absent: no checkpoints).
     """
     app = ServerApp()
 
@@ -150,7 +160,8 @@ def make_server_app(
         )
         url = (privacy.ledger_url if privacy else None) or ledger_url or sqlite_url(DEFAULT_LEDGER)
         declared = compliance or ComplianceConfig.from_run_config(run_config)
-        name = run_id or str(context.run_id)
+        name = run_id or str(run_config.get(RUN_NAME_KEY) or context.run_id)
+        folder = checkpoint_dir or run_config.get(CHECKPOINT_DIR_KEY)
         wire = wiring or deployed_wiring(
             run_config,
             config,
@@ -179,6 +190,7 @@ def make_server_app(
                 run_id=name,
                 purpose=declared.purpose,
                 audit=trail,
+                checkpoints=None if not folder else RoundCheckpoints(Path(str(folder)), name),
             )
         except FederationStopped as exc:
             logger.error("%s", exc)
@@ -191,9 +203,9 @@ def make_server_app(
             results.append(result)
             return
         # Flower's deployment engine: nobody in-process collects the result.
-        folder = Path(str(run_config.get(OUT_DIR_KEY) or DEFAULT_OUT_DIR)) / str(context.run_id)
-        model = write_outputs(task, result, folder)
-        logger.info("model and round records written to %s", folder.resolve())
+        out = Path(str(run_config.get(OUT_DIR_KEY) or DEFAULT_OUT_DIR)) / name
+        model = write_outputs(task, result, out)
+        logger.info("model and round records written to %s", out.resolve())
         if trail is not None and model is not None:  # the release's hash goes to the audit log
             trail.model_release(model, model=task.model_name, last_round=result.best_round)
 

@@ -31,6 +31,7 @@ from fedcrm.compliance import PrivacyLedger, Purpose
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import DPSGDConfig
 from fedcrm.server.budget import BudgetGuard
+from fedcrm.server.checkpoint import Resumed, RoundCheckpoints
 from fedcrm.server.config import FederationConfig
 from fedcrm.server.result import FederationResult, FederationStopped, RoundCallback, RoundRecord
 from fedcrm.server.run_audit import RunAudit
@@ -82,6 +83,25 @@ def _released(arrays: ArrayRecord) -> Arrays:
     return {name: arrays[name].numpy() for name in arrays}
 
 
+def _check_resumable(resumed: Resumed, cfg: FederationConfig) -> None:
+    """Refuse a saved state the loop cannot continue exactly."""
+    if parse_checkpoint(resumed.arrays) is not None:
+        raise ConfigError(
+            "an HE run cannot resume from a round checkpoint yet (the server's chain of "
+            "ciphertext checkpoints is not restored); start the run afresh"
+        )
+    if cfg.strategy is StrategyName.FEDADAM:
+        raise ConfigError(
+            "a fedadam run cannot resume: the server optimiser's moments are not saved; "
+            "start it afresh or use fedavg"
+        )
+    if resumed.last_round >= cfg.num_rounds:
+        raise ConfigError(
+            f"the saved state is after round {resumed.last_round}: the run of "
+            f"{cfg.num_rounds} rounds is complete"
+        )
+
+
 def run_federation(
     grid: Grid,
     cfg: FederationConfig,
@@ -96,6 +116,7 @@ def run_federation(
     run_id: str = "run",
     purpose: Purpose | None = None,
     audit: RunAudit | None = None,
+    checkpoints: RoundCheckpoints | None = None,
 ) -> FederationResult:
     """Run federated training of ``cfg.task`` on the branches connected to ``grid``.
 
@@ -114,10 +135,13 @@ def run_federation(
         purpose: The run's declared purpose: every branch gates its customers on consent for
             it (``None``: no consent gate).
         audit: The run's audit trail (configuration, manifests, refusals, ledger entries).
+        checkpoints: Where the run's state is saved after every round; a run with a saved
+            state resumes after its last completed round (`fedcrm.server.checkpoint`).
 
     Raises:
-        ConfigError: DP was asked for with FedProx (its proximal term is not clipped), or
-            ``check_statistics`` refused the branches' statistics.
+        ConfigError: DP was asked for with FedProx (its proximal term is not clipped),
+            ``check_statistics`` refused the branches' statistics, or a saved state cannot be
+            resumed (HE, FedAdam).
         FederationStopped: Privacy budgets or consent refusals left fewer than
             ``min-train-nodes`` admitted branches, or the ledger refused a branch's report.
         FedCrmError: A round produced no usable update.
@@ -164,6 +188,16 @@ def run_federation(
     arrays = ArrayRecord(
         {n: Array(a) for n, a in task.initial_arrays(settings, seed=cfg.seed).items()}
     )
+    best_score, best, first = -math.inf, arrays, 1
+    resumed = None if checkpoints is None else checkpoints.load()
+    if resumed is not None:
+        _check_resumable(resumed, cfg)
+        # The model was trained with the statistics of the first start (the churn scaler).
+        result.statistics = resumed.statistics
+        arrays, best, best_score = resumed.arrays, resumed.best, resumed.best_score
+        result.rounds, result.best_round = resumed.rounds, resumed.best_round
+        first = resumed.last_round + 1
+        logger.info("resuming run %s after round %d", run_id, resumed.last_round)
     inner = build_strategy(
         cfg.strategy,
         num_nodes=len(nodes),
@@ -176,9 +210,8 @@ def run_federation(
     config = ConfigRecord({**run, **result.statistics})
     selection = task.selection_metric(settings)
     label, headline = task.headline(settings)
-    best_score, best = -math.inf, arrays
     try:
-        for rnd in range(1, cfg.num_rounds + 1):
+        for rnd in range(first, cfg.num_rounds + 1):
             start = time.perf_counter()
             before = len(strategy.rejections)
             try:
@@ -254,6 +287,16 @@ def run_federation(
                 len(replies),
                 record.seconds,
             )
+            if checkpoints is not None:
+                checkpoints.save(
+                    last_round=rnd,
+                    arrays=arrays,
+                    best=best,
+                    best_round=result.best_round,
+                    best_score=best_score,
+                    statistics=result.statistics,
+                    rounds=result.rounds,
+                )
             if on_round is not None:
                 on_round(record)
     finally:

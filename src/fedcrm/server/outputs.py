@@ -4,7 +4,7 @@ A simulation writes its own run directory (`fedcrm.simulation.runner`); on Flowe
 deployment engine nobody in-process collects the `FederationResult`, so the ServerApp writes
 it to ``out-dir`` (run config) itself::
 
-    <out-dir>/<flower run id>/
+    <out-dir>/<run-name, else Flower's run id>/
       model.safetensors   churn: the global model of the released round (the task's file;
       items.npz           recommendation: the item tower)
       metrics.jsonl       one line per round (pooled federated evaluation)

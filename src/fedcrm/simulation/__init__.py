@@ -7,7 +7,7 @@ for benchmarks and tests.
 from fedcrm.simulation.config import ExperimentConfig, load_experiment, parse_experiment
 from fedcrm.simulation.consent_setup import ConsentSetup, import_consent, write_consent_csv
 from fedcrm.simulation.grid import InProcessGrid, in_process_identity, partition_nodes
-from fedcrm.simulation.runner import run_experiment, simulate
+from fedcrm.simulation.runner import resume_experiment, run_experiment, simulate
 
 __all__ = [
     "ConsentSetup",
@@ -18,6 +18,7 @@ __all__ = [
     "load_experiment",
     "parse_experiment",
     "partition_nodes",
+    "resume_experiment",
     "run_experiment",
     "simulate",
     "write_consent_csv",

@@ -20,6 +20,7 @@ Run directory layout::
       ledger.db            DP runs: the privacy ledger (SQLite), unless [dp] ledger-url names
                            another store ([dp] privacy-store keeps the branches' accountants
                            across runs: <store>/<branch>/)
+      rounds/              the coordinator's state after every round (`fedcrm resume RUN_DIR`)
       keys/, checkpoints/  HE runs: the run's CKKS keys and the server's ciphertext checkpoints
       compliance.db        consent-gated runs ([compliance]): consent registry, audit log,
                            lineage; audit-log.jsonl its signed export, audit-key.pem(.pub) the
@@ -55,6 +56,7 @@ from fedcrm.compliance import sqlite_url
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import CentralDPMode
 from fedcrm.privacy.keys import KeyGeneration, init_keys, load_public_context, load_secret_context
+from fedcrm.server import RoundCheckpoints
 from fedcrm.server.app import make_server_app
 from fedcrm.server.result import FederationResult, FederationStopped, RoundRecord
 from fedcrm.server.run_audit import ComplianceConfig, RunAudit
@@ -74,6 +76,8 @@ from fedcrm.tasks import Arrays, FinishedRun, SimulatedFederation
 
 logger = logging.getLogger(__name__)
 
+ROUNDS_DIR = "rounds"
+"""The coordinator's round checkpoints in a run directory (`fedcrm resume` goes on from them)."""
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 PhaseCallback = Callable[[str], None]
 RoundHook = Callable[[RoundRecord], None]
@@ -201,6 +205,7 @@ def simulate(
         ),
         audit=audit,
         traffic=traffic,
+        checkpoint_dir=run_dir / ROUNDS_DIR,
     )
     client_app = make_client_app(
         run_dir / "branches",
@@ -317,6 +322,9 @@ def ray_session_dir(run_dir: Path) -> Iterator[Path]:
     try:
         yield short
     finally:
+        for link in short.iterdir():  # a resumed run's Ray session replaces session_latest
+            if link.is_symlink() and (target / link.name).is_symlink():
+                (target / link.name).unlink()
         shutil.copytree(short, target, ignore=_sockets, symlinks=True, dirs_exist_ok=True)
         shutil.rmtree(short, ignore_errors=True)
 
@@ -337,28 +345,56 @@ def new_run_dir(runs_root: Path, name: str) -> Path:
     return run_dir
 
 
+def resume_experiment(
+    run_dir: Path, *, on_round: RoundHook | None = None, on_phase: PhaseCallback | None = None
+) -> Path:
+    """Resume a stopped run in its own directory after its last completed round.
+
+    The run's ``config.toml`` is the experiment; the branches are prepared again (their keys,
+    accountants and consent are kept), the statistics query reconciles the ledger with the
+    branches' accountants, and training goes on from ``rounds/`` (`RoundCheckpoints`).
+
+    Raises:
+        ConfigError: The folder is not a run directory, holds no round checkpoint, or the run
+            cannot resume (HE, FedAdam, complete).
+    """
+    from fedcrm.simulation.config import load_experiment
+
+    cfg = load_experiment(run_dir / "config.toml")
+    if cfg.aggregation.mode is AggregationMode.HE:
+        raise ConfigError("an HE run cannot resume yet: start it afresh")
+    if RoundCheckpoints(run_dir / ROUNDS_DIR, run_dir.name).load() is None:
+        raise ConfigError(f"{run_dir} has no round checkpoint to resume from ({ROUNDS_DIR}/)")
+    return run_experiment(cfg, resume=run_dir, on_round=on_round, on_phase=on_phase)
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     *,
     runs_root: Path = Path("runs"),
     on_round: RoundHook | None = None,
     on_phase: PhaseCallback | None = None,
+    resume: Path | None = None,
 ) -> Path:
-    """Run one experiment end to end and return its run directory."""
+    """Run one experiment end to end (or resume it in ``resume``); return its run directory."""
     phase = on_phase or (lambda _msg: None)
     task, experiment = cfg.plugin, cfg.plugin.experiment
-    run_dir = new_run_dir(runs_root, cfg.name)
+    run_dir = resume or new_run_dir(runs_root, cfg.name)
     phase("preparing the branches")
     federation = experiment.prepare(cfg.spec, cfg.settings, run_dir, seed=cfg.seed)
     settings = federation.settings or cfg.settings
     resolved = replace(cfg, settings=settings)
-    (run_dir / "config.toml").write_text(tomli_w.dumps(to_toml_dict(resolved)), encoding="utf-8")
+    if resume is None:
+        config_text = tomli_w.dumps(to_toml_dict(resolved))
+        (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
     _check_branches(cfg, federation)
     if cfg.dp is not None and cfg.privacy_store is not None:
         use_privacy_store(federation, cfg.privacy_store)
     seed = cfg.federation.seed
     trail, consent_made_up = None, None
-    if cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
+    if cfg.compliance is not None and resume is not None:  # consent was imported at the start
+        trail = RunAudit(sqlite_url(compliance_path(run_dir)), run_dir.name)
+    elif cfg.compliance is not None:  # consent-gated run: consent, audit log and lineage here
         phase("importing the branches' consent")
         url = sqlite_url(compliance_path(run_dir))
         consent_made_up = setup_branch_consent(
@@ -374,6 +410,14 @@ def run_experiment(
         trail = RunAudit(url, run_dir.name)
 
     metrics_path = run_dir / "metrics.jsonl"
+    if resume is not None:  # keep the lines of the rounds the checkpoint holds
+        saved = RoundCheckpoints(run_dir / ROUNDS_DIR, run_dir.name).load()
+        last = 0 if saved is None else saved.last_round
+        lines = (
+            metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.exists() else []
+        )
+        kept_lines = [x for x in lines if json.loads(x)["round"] <= last]
+        metrics_path.write_text("".join(x + "\n" for x in kept_lines), encoding="utf-8")
     meter = TrafficMeter()
     traffic: list[RoundTraffic] = []
 

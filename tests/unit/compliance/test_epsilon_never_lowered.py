@@ -74,9 +74,11 @@ def test_the_database_refuses_to_lower_or_erase_a_budget(
 ) -> None:
     _fill(any_store)
     before = _totals(any_store)
-    with pytest.raises(DBAPIError, match="never|append-only"):
-        with transaction(any_store) as session:
-            session.execute(text(statement))
+    with (
+        pytest.raises(DBAPIError, match=r"never|append-only"),
+        transaction(any_store) as session,
+    ):
+        session.execute(text(statement))
     assert _totals(any_store) == before
 
 

@@ -177,3 +177,68 @@ def test_a_branch_whose_update_the_ledger_puts_over_budget_is_not_aggregated(
     name = federation.simulated.branches[0].name
     (row,) = ledger.entries(run_id="r2", branch=name, decision=Decision.ADMITTED)
     assert row.cumulative_epsilon > dp.budget and "not aggregated" in (row.reason or "")
+
+
+@parametrize_tasks
+@pytest.mark.parametrize("point", ["after-training", "after-ledger-write"])
+def test_a_restarted_coordinator_resumes_with_a_round_offset(
+    point: str, federation: Federation, tmp_path: Path
+) -> None:
+    """Killed in round 2, started again with the same run id: rounds 2.. run, ε goes on."""
+    from fedcrm.server import RoundCheckpoints
+    from fedcrm.server.config import FederationConfig
+
+    ledger = _ledger(tmp_path)
+    dp = _dp(federation, max_epsilon=20.0)
+    cfg = FederationConfig(**{**federation.federation.__dict__, "num_rounds": 3})
+    checkpoints = RoundCheckpoints(tmp_path / "rounds", "r1")
+
+    def run() -> Any:
+        return run_federation(
+            federation.grid,
+            cfg,
+            federation.settings,
+            min_nodes=3,
+            dp=dp,
+            ledger=ledger,
+            run_id="r1",
+            checkpoints=checkpoints,
+        )
+
+    def in_round_two(record: Any) -> None:
+        if record.round == 1:
+            CRASHES[point](federation, patch)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Crash):
+        run_federation(
+            federation.grid,
+            cfg,
+            federation.settings,
+            min_nodes=3,
+            dp=dp,
+            ledger=ledger,
+            run_id="r1",
+            checkpoints=checkpoints,
+            on_round=in_round_two,
+        )
+    saved = checkpoints.load()
+    assert saved is not None and saved.last_round == 1
+    before = {t.branch: t.cumulative_epsilon for t in ledger.totals()}
+    sent = len(federation.grid.sent)
+    result = run()
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    # The restart trained from the saved round-1 model, not from the initial one.
+    first_train = next(m for m in federation.grid.sent[sent:] if m.metadata.message_type == "train")
+    record = first_train.content.array_records["arrays"]
+    for name in record:
+        assert (record[name].numpy() == saved.arrays[name].numpy()).all()
+    _check_in_step(federation, ledger, dp)
+    after = {t.branch: t.cumulative_epsilon for t in ledger.totals()}
+    assert all(after[b] > before[b] for b in before)  # ε went on, never lower
+    for branch in federation.simulated.branches:
+        rounds = [e.round for e in ledger.entries(run_id="r1", branch=branch.name)]
+        # Round 2's first attempt spent (its rows were used) and is recorded once, beside the
+        # retry; every other round once.
+        assert sorted(rounds).count(1) == 1 and sorted(rounds).count(3) == 1
+    with pytest.raises(Exception, match="complete"):
+        run()
