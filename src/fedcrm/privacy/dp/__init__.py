@@ -38,6 +38,13 @@ from fedcrm.privacy.dp._analysis import (
     recompute_check,
     steps_per_epoch,
 )
+from fedcrm.privacy.dp._audit import (
+    EmpiricalAudit,
+    check_release,
+    one_run_audit,
+    one_run_epsilon_bound,
+    one_run_p_value,
+)
 from fedcrm.privacy.dp._budget import BudgetDecision, BudgetPolicy, PrivacyBudgetExceeded, decide
 from fedcrm.privacy.dp._central import (
     CENTRAL_SAMPLE_RATE,
@@ -69,6 +76,7 @@ from fedcrm.privacy.dp._errors import (
     AccountingError,
     ApproximateAccountingWarning,
     DPTrainingError,
+    EmpiricalPrivacyViolation,
     InsecureRNGWarning,
     InvalidDPConfig,
     NoiseCalibrationError,
@@ -115,6 +123,8 @@ __all__ = [
     "DPSGDConfig",
     "DPTrainingError",
     "DistributedNoise",
+    "EmpiricalAudit",
+    "EmpiricalPrivacyViolation",
     "GradSampleMode",
     "InsecureRNGWarning",
     "InvalidDPConfig",
@@ -133,6 +143,7 @@ __all__ = [
     "UnsupportedModelError",
     "cap_rows_per_customer",
     "central_dp_toml",
+    "check_release",
     "clip_per_sample",
     "clip_to_norm",
     "compute_epsilon",
@@ -142,6 +153,9 @@ __all__ = [
     "event_json",
     "flower_noise_multiplier",
     "make_private",
+    "one_run_audit",
+    "one_run_epsilon_bound",
+    "one_run_p_value",
     "parse_central_dp",
     "parse_event",
     "parse_spends",

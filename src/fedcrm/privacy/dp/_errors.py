@@ -4,6 +4,7 @@ Hierarchy (all subclasses of :class:`fedcrm.exceptions.FedCrmError`)::
 
     AccountingError               an accounting input is invalid, or ε cannot be computed
     ├── NoiseCalibrationError     no noise multiplier reaches the target ε
+    ├── EmpiricalPrivacyViolation an empirical audit's lower bound on ε exceeds the claim
     └── AccountantStateError      a stored accountant is corrupted, tampered with or foreign
         └── AccountantConflict    saving would replace a history that is not a prefix of ours
     DPTrainingError               DP-SGD cannot be set up or run as asked
@@ -17,7 +18,12 @@ carries, in :mod:`fedcrm.privacy.dp._budget`. Warnings: :class:`InsecureRNGWarni
 :class:`ApproximateAccountingWarning`.
 """
 
+from typing import TYPE_CHECKING
+
 from fedcrm.exceptions import ConfigError, FedCrmError
+
+if TYPE_CHECKING:
+    from fedcrm.privacy.dp._audit import EmpiricalAudit
 
 
 class AccountingError(FedCrmError):
@@ -26,6 +32,25 @@ class AccountingError(FedCrmError):
 
 class NoiseCalibrationError(AccountingError):
     """No noise multiplier reaches the target ε for the planned rounds."""
+
+
+class EmpiricalPrivacyViolation(AccountingError):
+    """A one-run audit's lower bound on ε exceeds the claimed ε: the release must be blocked.
+
+    Args:
+        claimed_epsilon: The ε the release states.
+        audit: The :class:`~fedcrm.privacy.dp.EmpiricalAudit` that refutes it.
+    """
+
+    def __init__(self, claimed_epsilon: float, audit: "EmpiricalAudit") -> None:
+        self.claimed_epsilon = claimed_epsilon
+        self.audit = audit
+        super().__init__(
+            f"the one-run audit rejects ({claimed_epsilon:g}, {audit.delta:g})-DP: "
+            f"epsilon >= {audit.epsilon_lower_bound:.3f} at {audit.confidence:.0%} confidence "
+            f"({audit.correct} of {audit.guesses} guesses right, {audit.m} canaries); "
+            "block the release and look for a bug in training or accounting"
+        )
 
 
 class AccountantStateError(AccountingError):
