@@ -11,7 +11,14 @@ PLD exceeds RDP. See docs/privacy-analysis.md#recomputing-the-ledger.
 from dataclasses import dataclass
 
 from fedcrm.compliance import Decision, LedgerEntry
-from fedcrm.privacy import PLD_SLACK, AccountingEvent, disagrees, parse_event, recompute_history
+from fedcrm.privacy import (
+    PLD_SLACK,
+    AccountingEvent,
+    IncrementalRdp,
+    disagrees,
+    parse_event,
+    recompute_history,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,21 +57,23 @@ def recompute_ledger(entries: list[LedgerEntry]) -> list[RowCheck]:
     checks: list[RowCheck] = []
     for rows in scopes.values():
         events: list[AccountingEvent] = []
+        incremental = IncrementalRdp()
         for index, entry in enumerate(rows):
             events.append(_event(entry))
+            rdp = incremental.add(events[-1], delta=entry.delta)
             # A PRV row is checked against PLD (both tight numerical bounds), others against RDP.
             prv = entry.accountant == "prv"
-            again = recompute_history(
-                events, delta=entry.delta, with_pld=prv or index == len(rows) - 1
-            )
-            reference = again.pld if prv and again.pld is not None else again.rdp
+            pld = None
+            if prv or index == len(rows) - 1:
+                pld = recompute_history(events, delta=entry.delta, with_pld=True).pld
+            reference = pld if prv and pld is not None else rdp
             problem = None
             if disagrees(entry.cumulative_epsilon, reference):
                 problem = (
                     f"recorded cumulative epsilon {entry.cumulative_epsilon:.6g} vs "
                     f"{reference:.6g} recomputed ({entry.accountant} row)"
                 )
-            if again.pld is not None and again.pld > again.rdp * (1 + PLD_SLACK):
-                problem = f"PLD epsilon {again.pld:.6g} above RDP {again.rdp:.6g}"
-            checks.append(RowCheck(entry, again.rdp, again.pld, problem))
+            if pld is not None and pld > rdp * (1 + PLD_SLACK):
+                problem = f"PLD epsilon {pld:.6g} above RDP {rdp:.6g}"
+            checks.append(RowCheck(entry, rdp, pld, problem))
     return checks

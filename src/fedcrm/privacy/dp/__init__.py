@@ -87,6 +87,7 @@ from fedcrm.privacy.dp._errors import (
 from fedcrm.privacy.dp._events import (
     DISAGREEMENT,
     PLD_SLACK,
+    IncrementalRdp,
     Recomputed,
     disagrees,
     event_json,
@@ -126,6 +127,7 @@ __all__ = [
     "EmpiricalAudit",
     "EmpiricalPrivacyViolation",
     "GradSampleMode",
+    "IncrementalRdp",
     "InsecureRNGWarning",
     "InvalidDPConfig",
     "NoiseCalibrationError",
