@@ -14,6 +14,7 @@ with all their rows) and trains (`Task.train_private`); σ is planned once per f
 ``Context.state`` (a deterministic function of these inputs: the same after a restart).
 """
 
+import functools
 import hashlib
 import hmac
 import json
@@ -87,9 +88,15 @@ class BranchPrivacy:
     key: bytes | None = None
 
     def customers(self) -> CustomerLedger:
-        """The branch's per-customer ledger (created on first use)."""
+        """The branch's per-customer ledger (created and migrated on first use)."""
         self.privacy_dir.mkdir(parents=True, exist_ok=True)
-        return CustomerLedger(open_store(sqlite_url(self.privacy_dir / CUSTOMER_LEDGER)))
+        return _customer_ledger(sqlite_url(self.privacy_dir / CUSTOMER_LEDGER))
+
+
+@functools.lru_cache(maxsize=64)
+def _customer_ledger(url: str) -> CustomerLedger:
+    """One migrated store per file and process (a simulated branch's actor serves many rounds)."""
+    return CustomerLedger(open_store(url))
 
 
 CUSTOMER_LEDGER = "customers.db"
