@@ -57,6 +57,7 @@ KEY_DP_ACCOUNTANT: Final = "dp-accountant"
 KEY_DP_GRAD_SAMPLE_MODE: Final = "dp-grad-sample-mode"
 KEY_DP_NOISE_MULTIPLIER: Final = "dp-noise-multiplier"  # absent: planned from the target
 KEY_DP_MAX_EPSILON: Final = "dp-max-epsilon"  # absent: the target is the budget
+KEY_DP_CUSTOMER_BUDGET: Final = "dp-customer-budget"  # absent: no privacy filter
 KEY_PRIVACY_MODEL: Final = "privacy-model"
 KEY_PRIVACY_PURPOSE: Final = "privacy-purpose"
 KEY_LEDGER_URL: Final = "ledger-url"  # run config only; never sent to branches

@@ -43,12 +43,12 @@ from flwr.clientapp.typing import Mod
 from fedcrm import wire as k
 from fedcrm.client import dp_round
 from fedcrm.client.central_dp_mod import central_clipping_mod
-from fedcrm.client.consent_gate import apply_gate, commit_round
+from fedcrm.client.consent_gate import GateResult, apply_gate, commit_round, exclude
 from fedcrm.client.he_mod import HEMod
 from fedcrm.client.secagg_client import secagg_mod
 from fedcrm.client.source import branch_privacy, resolve_consent, resolve_source
 from fedcrm.compliance import Purpose
-from fedcrm.compliance.manifest import ConsentRefusal, RoundManifest
+from fedcrm.compliance.manifest import ConsentRefusal, ExclusionReason, RoundManifest
 from fedcrm.exceptions import ConfigError, ErrorCode, FedCrmError
 from fedcrm.privacy import DPSGDConfig
 from fedcrm.tasks import Arrays, BranchSource, RoundContext, Task, get_task
@@ -191,27 +191,52 @@ def make_client_app(
             state=context.state,
             folder=source.folder,
         )
-        if run.purpose is None:
-            return Prepared(run, settings, source, data, ctx, None)
-        try:
-            consent = resolve_consent(context, source, consent_db)
-            gate = apply_gate(
-                data.subjects(),
-                purpose=run.purpose,
-                consent=consent,
-                at=datetime.now(UTC),
-            )
-        except FedCrmError as exc:
-            return _error(msg, ErrorCode.CONSENT_GATE_FAILED, f"consent gate not run: {exc}")
-        if isinstance(gate, ConsentRefusal):
-            return _refusal_reply(msg, gate, train=train)
+        gate: GateResult | None = None
+        if run.purpose is not None:
+            try:
+                consent = resolve_consent(context, source, consent_db)
+                decided = apply_gate(
+                    data.subjects(),
+                    purpose=run.purpose,
+                    consent=consent,
+                    at=datetime.now(UTC),
+                )
+            except FedCrmError as exc:
+                return _error(msg, ErrorCode.CONSENT_GATE_FAILED, f"consent gate not run: {exc}")
+            if isinstance(decided, ConsentRefusal):
+                return _refusal_reply(msg, decided, train=train)
+            gate = decided
+            data = data.keep(gate.kept)
+        if train and run.dp is not None and run.dp.customer_budget is not None:
+            try:
+                over = dp_round.over_customer_budget(
+                    run.task,
+                    data,
+                    settings,
+                    ctx,
+                    dp=run.dp,
+                    rounds=run.num_rounds,
+                    where=branch_privacy(context, source),
+                )
+            except FedCrmError as exc:
+                return _error(msg, ErrorCode.DP_ROUND_FAILED, f"privacy filter not run: {exc}")
+            if over >= set(data.subjects()["train"]):
+                reason = (
+                    f"privacy filter: every training customer's own epsilon would pass the "
+                    f"customer budget {run.dp.customer_budget:g}; nothing is trained"
+                )
+                return _error(msg, ErrorCode.DP_ROUND_FAILED, reason)
+            if over:
+                logger.info("privacy filter: %d customer(s) left out of this round", len(over))
+                data = data.keep(set().union(*data.subjects().values()) - over)
+                if gate is not None:  # the manifest says so
+                    gate = exclude(gate, over, ExclusionReason.PRIVACY_BUDGET)
         manifest = None
-        if train:
+        if train and gate is not None:
             manifest = commit_round(
                 gate, consent=consent, run_id=run.run_id, server_round=run.server_round
             )
-        gated = data.keep(gate.kept)
-        return Prepared(run, settings, source, gated, ctx, manifest)
+        return Prepared(run, settings, source, data, ctx, manifest)
 
     def with_manifest(reply: Message, manifest: RoundManifest | None) -> Message:
         """Attach the round manifest (root and counts, never ids) to a training reply."""

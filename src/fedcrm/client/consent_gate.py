@@ -25,7 +25,7 @@ registry at the time of every message, never a cached copy.
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -190,6 +190,26 @@ def apply_gate(
         by_split[name] = counts
     return GateResult(
         kept, snapshot, len(train), train_kept, dict(by_split.get("train", {})), by_split
+    )
+
+
+def exclude(result: GateResult, customers: set[str], reason: ExclusionReason) -> GateResult:
+    """``result`` with ``customers`` left out of the round as well, counted under ``reason``."""
+    train = [c for c in result.train_customers if c not in customers]
+    dropped = len(result.train_customers) - len(train)
+    if not dropped:
+        return result
+    excluded = {**result.excluded, reason.value: result.excluded.get(reason.value, 0) + dropped}
+    by_split = {part: dict(counts) for part, counts in result.excluded_by_split.items()}
+    by_split.setdefault("train", {})[reason.value] = (
+        by_split.get("train", {}).get(reason.value, 0) + dropped
+    )
+    return replace(
+        result,
+        kept=result.kept - customers,
+        train_customers=train,
+        excluded=excluded,
+        excluded_by_split=by_split,
     )
 
 

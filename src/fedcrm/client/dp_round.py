@@ -36,7 +36,7 @@ from fedcrm.compliance import (
     open_store,
     sqlite_url,
 )
-from fedcrm.exceptions import FedCrmError
+from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import (
     OPACUS_VERSION,
     AccountingError,
@@ -179,6 +179,78 @@ def plan(dp: DPSGDConfig, rows: PrivateRows, *, rounds: int, state: RecordDict) 
     return noise
 
 
+def open_accountant(
+    where: BranchPrivacy, dp: DPSGDConfig, ctx: RoundContext
+) -> tuple[BranchAccountant, Path]:
+    """The branch's accountant of (model, purpose), with the ledger's spends it lacked added.
+
+    Raises:
+        fedcrm.privacy.dp.AccountantStateError: The stored accountant or the message's ledger
+            spends are invalid.
+    """
+    path = accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
+    accountant = BranchAccountant.open(path, accountant=dp.accountant, key=where.key)
+    from_ledger = ctx.config.get(k.KEY_LEDGER_SPENDS)
+    if isinstance(from_ledger, str) and accountant.absorb(parse_spends(from_ledger)):
+        accountant.save(path, key=where.key)  # the ledger knew spends this accountant lacked
+    return accountant, path
+
+
+def over_customer_budget(
+    task: Task[Any, Any],
+    data: Any,
+    settings: object,
+    ctx: RoundContext,
+    *,
+    dp: DPSGDConfig,
+    rounds: int,
+    where: BranchPrivacy,
+) -> set[str]:
+    """The privacy filter: the training customers whose own ε would pass the customer budget.
+
+    Each customer's projected ε composes their own spends and this round's planned one; the
+    plan is made again on the customers left (fewer rows sample each more often) until no
+    one more is over. Nothing is recorded.
+
+    Raises:
+        fedcrm.exceptions.ConfigError: The run has no customer budget, or a DP-SGD row is
+            not one customer (no per-customer figures).
+    """
+    budget = dp.customer_budget
+    if budget is None:
+        raise ConfigError("the privacy filter needs [dp] customer-budget")
+    if task.private_rows(data, settings).unit != "customer":
+        raise ConfigError(
+            "[dp] customer-budget needs one DP-SGD row per customer; this branch's rows repeat "
+            "customers (record-level), so no customer's own epsilon is kept"
+        )
+    accountant, _ = open_accountant(where, dp, ctx)
+    customers = list(dict.fromkeys(data.subjects()["train"]))
+    over: set[str] = set()
+    while len(over) < len(customers):
+        left = [c for c in customers if c not in over]
+        rows = task.private_rows(data.keep(set(left)), settings)
+        noise = plan(dp, rows, rounds=rounds, state=ctx.state)
+        planned = Spend(
+            AccountingEvent(noise.noise_multiplier, noise.sample_rate, noise.steps_per_round),
+            "planned",
+        )
+        epsilons = customer_epsilons(
+            accountant,
+            where.customers(),
+            spend=planned,
+            customers=left,
+            branch=where.branch_name,
+            dp=dp,
+            delta=noise.delta,
+        )
+        more = {c for c, eps in epsilons.items() if eps > budget}
+        if not more:
+            break
+        over |= more
+    return over
+
+
 def privacy_state(
     task: Task[Any, Any],
     data: object,
@@ -300,11 +372,7 @@ def private_round(
     """
     rows = task.private_rows(data, settings)
     noise = plan(dp, rows, rounds=rounds, state=ctx.state)
-    path = accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
-    accountant = BranchAccountant.open(path, accountant=dp.accountant, key=where.key)
-    from_ledger = ctx.config.get(k.KEY_LEDGER_SPENDS)
-    if isinstance(from_ledger, str) and accountant.absorb(parse_spends(from_ledger)):
-        accountant.save(path, key=where.key)  # the ledger knew spends this accountant lacked
+    accountant, path = open_accountant(where, dp, ctx)
     decision = accountant.would_exceed(
         noise_multiplier=noise.noise_multiplier,
         sample_rate=noise.sample_rate,

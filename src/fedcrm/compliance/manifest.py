@@ -64,6 +64,8 @@ class ExclusionReason(StrEnum):
     """The customer was erased (their audit key crypto-shredded)."""
     RETENTION = "retention"
     """The latest consent decision is older than the branch's retention period."""
+    PRIVACY_BUDGET = "privacy-budget"
+    """The privacy filter: the customer's own ε would pass the run's customer budget."""
 
 
 class RefusalCode(StrEnum):

@@ -102,3 +102,24 @@ def test_purposes_are_parsed_strictly() -> None:
     }
     with pytest.raises(ConfigError, match="unknown purpose"):
         parse_purposes("churn-model-training,sales")
+
+
+def test_exclude_moves_customers_out_of_the_round_and_counts_them() -> None:
+    from fedcrm.client.consent_gate import GateResult, exclude
+    from fedcrm.compliance.manifest import ExclusionReason
+
+    snapshot = object()
+    gate = GateResult(
+        kept={"a", "b", "c", "v"},
+        snapshot=snapshot,  # type: ignore[arg-type]
+        rows_before=4,
+        train_customers=["a", "b", "c"],
+        excluded={"refused": 1},
+        excluded_by_split={"train": {"refused": 1}},
+    )
+    out = exclude(gate, {"b", "c"}, ExclusionReason.PRIVACY_BUDGET)
+    assert out.train_customers == ["a"] and out.kept == {"a", "v"}
+    assert out.excluded == {"refused": 1, "privacy-budget": 2}
+    assert out.excluded_by_split["train"] == {"refused": 1, "privacy-budget": 2}
+    assert out.rows_before - len(out.train_customers) == sum(out.excluded.values())
+    assert exclude(gate, set(), ExclusionReason.PRIVACY_BUDGET) is gate

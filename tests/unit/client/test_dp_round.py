@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from conftest import TASK_IDS, Federation
 from fedcrm.client import dp_round
 from fedcrm.client.source import resolve_source
+from fedcrm.exceptions import ConfigError
 from fedcrm.privacy import BranchAccountant, DPSGDConfig, InsecureRNGWarning
 from fedcrm.privacy.dp import AccountantStateError
 from fedcrm.tasks import RoundContext, Task, get_task
@@ -232,3 +233,42 @@ def test_budgets_are_kept_per_model_and_purpose(tmp_path: Path) -> None:
     b = dp_round.accountant_path(tmp_path, model="churn", purpose="retention/../offers")
     c = dp_round.accountant_path(tmp_path, model="recommender", purpose="recommendation-training")
     assert len({a, b, c}) == 3 and b.parent == tmp_path
+
+
+def test_the_privacy_filter_leaves_out_the_customers_whose_own_budget_is_spent(
+    branch: Branch, tmp_path: Path
+) -> None:
+    """A third of the customers trained twice, the others once: that third is filtered.
+
+    Churn (120 training customers, batches of 32): without the third the others are sampled
+    more often, and still stay within the budget. (The small synthetic recommendation branch
+    samples nearly all of its 18 customers at every step, so no one's round costs less.)
+    """
+    where = _where(tmp_path)
+    dp = branch.dp(noise_multiplier=2.0, max_epsilon=50.0)
+    customers = list(dict.fromkeys(branch.data.subjects()["train"]))
+    twice = set(customers[: len(customers) // 3])
+    _round(branch, where, dp)
+    half = Branch(branch.task, branch.data.keep(twice), branch.settings, branch.arrays, branch.fed)
+    _round(half, where, dp)
+    ledger = where.customers()
+    spent = {t.customer: t for t in ledger.totals()}
+    assert {c for c, t in spent.items() if t.spends == 2} == twice
+    # A customer budget just above what the twice-trained customers have spent.
+    budget = max(spent[c].cumulative_epsilon for c in twice) * 1.0001
+    filtered = branch.dp(noise_multiplier=2.0, max_epsilon=50.0, customer_budget=budget)
+    over = dp_round.over_customer_budget(
+        branch.task,
+        branch.data,
+        branch.settings,
+        branch.ctx(),
+        dp=filtered,
+        rounds=3,
+        where=where,
+    )
+    assert over == twice  # the others stay within it, even sampled more often without them
+    assert len(ledger.totals()) == len(customers)  # nothing recorded by the filter
+    with pytest.raises(ConfigError, match="customer-budget"):
+        dp_round.over_customer_budget(
+            branch.task, branch.data, branch.settings, branch.ctx(), dp=dp, rounds=3, where=where
+        )

@@ -211,3 +211,18 @@ def test_dp_with_fedprox_is_refused(federation: Federation, task_name: str) -> N
     cfg = FederationConfig(strategy=StrategyName.FEDPROX)
     with pytest.raises(ConfigError, match="fedprox"):
         run_federation(federation.grid, cfg, federation.settings, dp=_dp(federation))
+
+
+def test_a_customer_budget_below_one_round_trains_no_one(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """The privacy filter leaves out every customer: each branch says so, nothing is spent."""
+    dp = DPSGDConfig(target_epsilon=3.0, customer_budget=0.01)
+    with pytest.raises(FederationStopped, match="only 0 of 3"):
+        run_federation(
+            federation.grid, federation.federation, federation.settings, min_nodes=3, dp=dp
+        )
+    errors = [r for r in federation.grid.replies if r.has_error()]
+    assert len(errors) == 3
+    assert all("customer budget 0.01; nothing is trained" in str(e.error.reason) for e in errors)
+    assert _accountants(federation.branches) == {}

@@ -39,13 +39,16 @@ DPSGD_RUN_CONFIG_KEYS: Final[dict[str, str]] = {
     k.KEY_DP_GRAD_SAMPLE_MODE: "grad_sample_mode",
     k.KEY_DP_NOISE_MULTIPLIER: "noise_multiplier",
     k.KEY_DP_MAX_EPSILON: "max_epsilon",
+    k.KEY_DP_CUSTOMER_BUDGET: "customer_budget",
     k.KEY_PRIVACY_MODEL: "model",
     k.KEY_PRIVACY_PURPOSE: "purpose",
     k.KEY_LEDGER_URL: "ledger_url",
 }
 """Run-config key -> :class:`DPSGDConfig` field (the ``[dp]`` TOML keys are these without
 ``dp-``)."""
-_OPTIONAL_ZERO_IS_UNSET: Final = frozenset({"delta", "noise_multiplier", "max_epsilon"})
+_OPTIONAL_ZERO_IS_UNSET: Final = frozenset(
+    {"delta", "noise_multiplier", "max_epsilon", "customer_budget"}
+)
 _MAX_NAME: Final = 64
 
 
@@ -75,6 +78,10 @@ class DPSGDConfig:
         noise_multiplier: A fixed σ instead of planning one (``None``: plan from the target).
         max_epsilon: The budget of (model, purpose) on each branch, enforced before every round
             and across runs; ``None`` makes the target the budget.
+        customer_budget: The privacy filter: before each round a branch leaves out the
+            customers whose own ε (individual accounting) would pass this, instead of refusing
+            the round; ``None``: no filter. At most the budget; needs one DP-SGD row per
+            customer.
         model: The model the budget is kept for.
         purpose: The processing purpose the budget is kept for.
         ledger_url: Where the coordinator's privacy ledger lives (SQLAlchemy URL); ``None``:
@@ -91,6 +98,7 @@ class DPSGDConfig:
     grad_sample_mode: GradSampleMode = "fast-linear"
     noise_multiplier: float | None = None
     max_epsilon: float | None = None
+    customer_budget: float | None = None
     model: str = DEFAULT_MODEL
     purpose: str = DEFAULT_PURPOSE
     ledger_url: str | None = None
@@ -131,6 +139,18 @@ class DPSGDConfig:
                 problems.append(
                     f"max_epsilon ({self.max_epsilon}) must be >= target_epsilon "
                     f"({self.target_epsilon}): the planned rounds would be refused"
+                )
+        if self.customer_budget is not None:
+            positive_real("customer_budget", self.customer_budget)
+            budget = self.target_epsilon if self.max_epsilon is None else self.max_epsilon
+            if (
+                _is_real(self.customer_budget)
+                and _is_real(budget)
+                and self.customer_budget > budget
+            ):
+                problems.append(
+                    f"customer_budget ({self.customer_budget}) must be <= the branch budget "
+                    f"({budget}): the branch's own budget would refuse the round first"
                 )
         for name in ("model", "purpose"):
             value = getattr(self, name)
@@ -238,4 +258,10 @@ class DPSGDConfig:
             f"({self.model}, {self.purpose}), delta {delta}, clipping norm "
             f"{self.max_grad_norm:g}, {self.accountant.upper()} accountant, Poisson-subsampled "
             "Gaussian mechanism"
+            + (
+                ""
+                if self.customer_budget is None
+                else f"; privacy filter: customers above epsilon {self.customer_budget:g} of "
+                "their own are left out of a round"
+            )
         )
