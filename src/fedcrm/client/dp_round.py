@@ -39,6 +39,7 @@ from fedcrm.compliance import (
 from fedcrm.exceptions import ConfigError, FedCrmError
 from fedcrm.privacy import (
     OPACUS_VERSION,
+    AccountantStateError,
     AccountingError,
     AccountingEvent,
     BranchAccountant,
@@ -121,6 +122,13 @@ def customer_epsilons(
     """
     by_id = {s.spend_id: s.event for s in accountant.spends if s.spend_id is not None}
     recorded = ledger.recorded_spends(branch, dp.model, dp.purpose)
+    lost = recorded - by_id.keys()
+    if lost:
+        raise AccountantStateError(
+            f"the per-customer ledger holds {len(lost)} spend(s) of {branch} that its accountant "
+            "lacks: the accountant was reset or rolled back; restore it from its backup (the "
+            "coordinator's ledger sends back the spends it recorded) - never reset it"
+        )
     unknown = [
         s.event
         for s in accountant.spends

@@ -272,3 +272,26 @@ def test_the_privacy_filter_leaves_out_the_customers_whose_own_budget_is_spent(
         dp_round.over_customer_budget(
             branch.task, branch.data, branch.settings, branch.ctx(), dp=dp, rounds=3, where=where
         )
+
+
+@parametrize_tasks
+def test_an_accountant_reset_behind_its_customer_ledger_is_refused(
+    branch: Branch, tmp_path: Path
+) -> None:
+    where = _where(tmp_path)
+    dp = branch.dp(max_epsilon=50.0)
+    _round(branch, where, dp)
+    path = dp_round.accountant_path(where.privacy_dir, model=dp.model, purpose=dp.purpose)
+    path.unlink()  # the per-customer ledger still remembers the spend
+    with pytest.raises(AccountantStateError, match="reset or rolled back"):
+        dp_round.private_round(
+            branch.task,
+            branch.data,
+            branch.arrays,
+            branch.settings,
+            branch.ctx(),
+            dp=dp,
+            rounds=3,
+            where=where,
+            run_id="r2",
+        )
