@@ -1,5 +1,8 @@
 """``fedcrm compliance``: serve the officer's service, administer consent and API keys.
 
+``serve --run RUN_DIR`` and ``ropa --run RUN_DIR`` generate the Art. 30 records (and, with
+``ropa --dpia``, a DPIA skeleton) from the run directory's real configuration.
+
 Mount with ``app.add_typer(fedcrm.compliance.cli.app, name="compliance")``.
 
 Exit codes: 0 done, 1 refused (a bad consent file, a change that does not follow from the
@@ -10,15 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedcrm.compliance.apikeys import ApiKeyStore
 from fedcrm.compliance.audit._log import AuditLog
 from fedcrm.compliance.consent import ConsentRegistry
-from fedcrm.compliance.db import open_store, store_url
+from fedcrm.compliance.db import open_store, sqlite_url, store_url
 from fedcrm.compliance.enums import Channel, Purpose, Role
 from fedcrm.compliance.errors import (
     ApiKeyError,
@@ -30,6 +34,9 @@ from fedcrm.compliance.errors import (
 )
 from fedcrm.compliance.lineage import LineageStore, customer_lineage
 from fedcrm.compliance.manifest import ManifestArchive
+
+if TYPE_CHECKING:
+    from fedcrm.compliance.core.config import Settings
 
 EXIT_REFUSED = 1
 EXIT_UNUSABLE = 2
@@ -53,6 +60,54 @@ DbOption = Annotated[
         "(default: FEDCRM_COMPLIANCE_DATABASE_URL, else ./compliance.db).",
     ),
 ]
+
+
+RunOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--run",
+        help="A run directory of `fedcrm simulate`: the Art. 30 records are generated from its "
+        "config.toml and summary.json (and its compliance.db is the store unless --db is given).",
+        file_okay=False,
+        dir_okay=True,
+    ),
+]
+RopaFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="JSON configuration of the Art. 30 records (RopaConfig); with --run, only its "
+        "controller is used."
+    ),
+]
+
+
+class RopaFormat(StrEnum):
+    """Output formats of ``fedcrm compliance ropa``."""
+
+    JSON = "json"
+    MD = "md"
+
+
+def _ropa_settings(db: str | None, ropa_file: Path | None, run: Path | None) -> Settings:
+    """The service's settings with the command line's store, RoPA file and run directory."""
+    from pydantic import ValidationError
+
+    from fedcrm.compliance.core.config import Settings
+    from fedcrm.compliance.core.ropa_from_run import COMPLIANCE_DB
+
+    overrides: dict[str, object] = {}
+    if db is not None:
+        overrides["database_url"] = _url(db)
+    elif run is not None and (run / COMPLIANCE_DB).is_file():
+        overrides["database_url"] = sqlite_url(run / COMPLIANCE_DB)
+    if ropa_file is not None:
+        overrides["ropa_file"] = ropa_file
+    if run is not None:
+        overrides["run_dir"] = run
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise _fail(f"invalid settings: {exc}") from exc
 
 
 def _url(db: str | None) -> str:
@@ -81,33 +136,64 @@ def serve(
     db: DbOption = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
-    ropa_file: Annotated[
-        Path | None,
-        typer.Option(help="JSON configuration of the Art. 30 records (RopaConfig)."),
-    ] = None,
+    ropa_file: RopaFileOption = None,
+    run: RunOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the compliance API (OpenAPI docs at /docs) with uvicorn."""
+    """Serve the compliance API (OpenAPI docs at /docs) with uvicorn.
+
+    With ``--run``, ``GET /ropa`` serves the records generated from that run's configuration;
+    without it (and without a RoPA file), records that say no run configuration was loaded.
+    """
     import uvicorn
-    from pydantic import ValidationError
 
     from fedcrm.compliance.api.main import create_app
-    from fedcrm.compliance.core.config import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides: dict[str, object] = {}
-    if db is not None:
-        overrides["database_url"] = _url(db)
-    if ropa_file is not None:
-        overrides["ropa_file"] = ropa_file
+    settings = _ropa_settings(db, ropa_file, run)
+    logging.getLogger(__name__).info(
+        "records of processing: %s; store: %s", settings.ropa.source.detail, settings.database_url
+    )
     try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
         application = create_app(settings)
-    except ValidationError as exc:
-        raise _fail(f"invalid settings: {exc}") from exc
     except ComplianceError as exc:
         raise _fail(str(exc)) from exc
     uvicorn.run(application, host=host, port=port, log_level=log_level, ws="none")
+
+
+@app.command("ropa")
+def ropa_command(
+    run: RunOption = None,
+    output_format: Annotated[
+        RopaFormat, typer.Option("--format", help="json (as GET /ropa) or md (Markdown).")
+    ] = RopaFormat.JSON,
+    dpia: Annotated[
+        bool,
+        typer.Option(
+            "--dpia", help="Print a DPIA skeleton (Markdown) from the same configuration instead."
+        ),
+    ] = False,
+    ropa_file: RopaFileOption = None,
+    out: Annotated[Path | None, typer.Option(help="Write here (default: stdout).")] = None,
+) -> None:
+    """Print the Art. 30 records generated from a run's configuration, or a DPIA skeleton."""
+    from fedcrm.compliance._types import utcnow
+    from fedcrm.compliance.core.ropa_markdown import dpia_markdown, ropa_markdown
+    from fedcrm.compliance.schemas import RopaPublic
+
+    config = _ropa_settings(None, ropa_file, run).ropa
+    if dpia:
+        text = dpia_markdown(config)
+    elif output_format is RopaFormat.MD:
+        text = ropa_markdown(config)
+    else:
+        public = RopaPublic.from_config(config, list(config.branches), utcnow())
+        text = json.dumps(public.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
+        typer.echo(f"written to {out}", err=True)
 
 
 @consent_app.command("import")

@@ -21,6 +21,8 @@ from fedcrm.compliance.consent import ACTOR_PATTERN, NAME_PATTERN, ConsentRecord
 from fedcrm.compliance.core.config import (
     Controller,
     ProcessingActivity,
+    RopaConfig,
+    RopaSource,
     SecurityMeasures,
 )
 from fedcrm.compliance.enums import (
@@ -457,12 +459,15 @@ class RopaRecordPublic(_Out):
 
     purpose: Purpose
     description: str
-    legal_basis: LegalBasis
+    legal_basis: LegalBasis | None = Field(
+        description="None where the configuration establishes no legal basis (see notes)."
+    )
     data_subjects: list[str]
     data_categories: list[str]
     recipients: list[str]
     third_country_transfers: str
     retention: str
+    notes: list[str]
     branches: list[str]
     dp_targets: list[dict[str, Any]]
 
@@ -482,13 +487,33 @@ class RopaRecordPublic(_Out):
 
 
 class RopaPublic(_Out):
-    """Records of processing activities (GDPR Art. 30(1)), generated from the configuration."""
+    """Records of processing activities (GDPR Art. 30(1)), generated from the configuration.
+
+    ``source`` says what they were generated from: a run's configuration, a given one, or none
+    (then no security measure is recorded as in force).
+    """
 
     generated_at: datetime
+    source: RopaSource
     controller: Controller
     branches: list[str]
     records: list[RopaRecordPublic]
     security: SecurityMeasures
+
+    @classmethod
+    def from_config(cls, config: RopaConfig, branches: list[str], generated_at: datetime) -> Self:
+        """Build from the records' configuration and the branches to list."""
+        return cls(
+            generated_at=generated_at,
+            source=config.source,
+            controller=config.controller,
+            branches=branches,
+            records=[
+                RopaRecordPublic.from_config(activity, branches, config.security)
+                for activity in config.activities
+            ],
+            security=config.security,
+        )
 
 
 # -- auth and errors ----------------------------------------------------------------------

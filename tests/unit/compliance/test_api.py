@@ -305,9 +305,14 @@ def test_records_of_processing_come_from_the_configuration(api: Api, db_url: str
         "marketing-profiling",
     }
     assert "b7" in ropa["branches"]
-    assert ropa["security"]["ckks"]["poly_modulus_degree"] == 8192
+    # No run configuration loaded: the records say so and claim no measure.
+    assert ropa["source"]["kind"] == "none"
+    assert ropa["security"]["measures"] == []
+    assert ropa["security"]["ckks"] is None
+    assert "no run configuration loaded" in ropa["security"]["not_in_force"][0]
     churn = next(r for r in ropa["records"] if r["purpose"] == "churn-model-training")
-    assert churn["dp_targets"][0]["epsilon"] == 8.0
+    assert churn["dp_targets"] == []
+    assert churn["legal_basis"] is None
     # A configuration given as plain data, through a dependency override.
     custom = Settings(
         database_url=db_url,

@@ -73,7 +73,11 @@ def test_settings_validate_and_load_a_ropa_file(tmp_path: Path) -> None:
     assert settings.ropa.controller.contact == "privacy@acme.test"
     with pytest.raises(ValidationError, match="cannot read the RoPA file"):
         Settings(database_url="sqlite:///x.db", ropa_file=tmp_path / "missing.json")
-    config["security"]["ckks"]["poly_modulus_degree"] = 1000
+    config["security"]["ckks"] = {
+        "poly_modulus_degree": 1000,
+        "coeff_mod_bit_sizes": [60, 49],
+        "global_scale_bits": 38,
+    }
     path.write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(ValidationError, match="power of two"):
         Settings(database_url="sqlite:///x.db", ropa_file=path)

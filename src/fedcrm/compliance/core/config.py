@@ -6,8 +6,10 @@ never as a module-global instance. Tests pass their own :class:`Settings` to the
 override the dependency.
 
 The records of processing (GDPR Art. 30) are generated from a :class:`RopaConfig`: given
-directly (``Settings(ropa=...)``), from a JSON file (``FEDCRM_COMPLIANCE_ROPA_FILE``), or the
-built-in description of fedcrm's own processing.
+directly (``Settings(ropa=...)``), built from a run directory's real configuration
+(``FEDCRM_COMPLIANCE_RUN_DIR``, :mod:`fedcrm.compliance.core.ropa_from_run`), read from a JSON
+file (``FEDCRM_COMPLIANCE_ROPA_FILE``), or, with none of these, :func:`default_ropa`, which
+says that no run configuration was loaded and records no security measure as in force.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedcrm.compliance.db import sqlite_url
-from fedcrm.compliance.enums import LegalBasis, PrivacyUnit, Purpose
+from fedcrm.compliance.enums import (
+    Accountant,
+    LegalBasis,
+    Mechanism,
+    NeighbouringRelation,
+    PrivacyUnit,
+    Purpose,
+)
+
+NOT_RECORDED = "[to be completed by the controller] not recorded in the run configuration"
+"""What a record says where the configuration holds no answer (retention, transfers, ...)."""
 
 
 class _Frozen(BaseModel):
@@ -37,26 +49,100 @@ class Controller(_Frozen):
 
 
 class ProcessingActivity(_Frozen):
-    """One purpose of processing and what Art. 30(1)(b)-(f) asks about it."""
+    """One purpose of processing and what Art. 30(1)(b)-(f) asks about it.
+
+    ``legal_basis`` is ``None`` where nothing configured establishes one (a run without a
+    consent gate); ``notes`` say so, and anything else a reader must not take for granted.
+    """
 
     purpose: Purpose
     description: str = Field(min_length=1, max_length=2000)
-    legal_basis: LegalBasis
+    legal_basis: LegalBasis | None
     data_subjects: tuple[str, ...] = Field(min_length=1)
     data_categories: tuple[str, ...] = Field(min_length=1)
     recipients: tuple[str, ...] = ()
     third_country_transfers: str = "none"
     retention: str = Field(min_length=1, max_length=500)
+    notes: tuple[str, ...] = ()
+
+
+DpLevel = Literal["dp-sgd", "central", "distributed"]
+"""Where the noise is added: DP-SGD on each branch, by the server, or shared by the branches."""
+
+_LEVELS: dict[str, str] = {
+    "dp-sgd": "DP-SGD on every branch",
+    "central": "branch-level central DP",
+    "distributed": "branch-level distributed DP",
+}
 
 
 class DpTarget(_Frozen):
-    """A differential-privacy target of one model: the budget a run may spend."""
+    """A differential-privacy guarantee of one model, exactly as the run configured it.
+
+    ``epsilon`` is the target after all planned rounds (``None`` only with a fixed
+    ``noise_multiplier``), ``epsilon_scope`` says what it is kept for (per branch, for the
+    federation); δ is ``delta`` or, where it differs per branch, ``delta_rule``.
+    """
 
     model: str = Field(min_length=1, max_length=128)
     purpose: Purpose
-    epsilon: float = Field(gt=0, allow_inf_nan=False)
-    delta: float = Field(gt=0, lt=1)
+    level: DpLevel = "dp-sgd"
+    epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    epsilon_scope: str = Field(default="", max_length=300)
+    budget: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    epsilon_spent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    delta_rule: str = Field(default="", max_length=500)
+    delta_per_branch: dict[str, float] = Field(default_factory=dict)
     privacy_unit: PrivacyUnit = PrivacyUnit.RECORD
+    unit_note: str = Field(default="", max_length=1000)
+    neighbouring_relation: NeighbouringRelation = NeighbouringRelation.ADD_REMOVE
+    relation_note: str = Field(default="", max_length=500)
+    accountant: Accountant
+    mechanism: Mechanism
+    mechanism_note: str = Field(default="", max_length=500)
+    clipping_norm: float | None = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    sampling: str = Field(default="", max_length=200)
+    not_covered: str = Field(default="", max_length=1000)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DpTarget:
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError("a DP target needs epsilon (its target) or a fixed noise_multiplier")
+        if self.delta is None and not self.delta_rule:
+            raise ValueError("a DP target needs delta or the rule that sets it (delta_rule)")
+        return self
+
+    def statement(self) -> str:
+        """One line naming ε with its unit, δ, the accountant and the mechanism."""
+        if self.epsilon is not None:
+            scope = self.epsilon_scope or f"for ({self.model}, {self.purpose.value})"
+            scope = f" ({scope})"
+            goal = f"target ε {self.epsilon:g}{scope} after all planned rounds"
+        else:
+            goal = f"fixed noise multiplier {self.noise_multiplier:g} (no ε target)"
+        parts = [f"{_LEVELS[self.level]}: {goal}"]
+        if self.budget is not None and self.budget != self.epsilon:
+            parts.append(f"budget ε {self.budget:g}")
+        if self.epsilon_spent is not None:
+            parts.append(f"largest ε reached {self.epsilon_spent:.3f}")
+        unit = f"privacy unit {self.privacy_unit.value}"
+        parts.append(f"{unit} ({self.unit_note})" if self.unit_note else unit)
+        parts.append(f"δ = {self.delta_rule or f'{self.delta:g}'}")
+        parts.append(f"{self.accountant.value.upper()} accountant")
+        mechanism = f"mechanism {self.mechanism.value}"
+        parts.append(f"{mechanism} ({self.mechanism_note})" if self.mechanism_note else mechanism)
+        relation = self.relation_note or self.neighbouring_relation.value
+        parts.append(f"neighbouring relation: {relation}")
+        if self.clipping_norm is not None:
+            parts.append(f"clipping norm {self.clipping_norm:g}")
+        if self.noise_multiplier is not None and self.epsilon is not None:
+            parts.append(f"fixed noise multiplier {self.noise_multiplier:g}")
+        if self.sampling:
+            parts.append(f"sampling: {self.sampling}")
+        line = "; ".join(parts)
+        return f"{line}. Not covered: {self.not_covered}" if self.not_covered else line
 
 
 class CkksParameters(_Frozen):
@@ -66,6 +152,9 @@ class CkksParameters(_Frozen):
     coeff_mod_bit_sizes: tuple[int, ...] = Field(min_length=2)
     global_scale_bits: int = Field(gt=0, lt=64)
     security_level_bits: int = 128
+    max_abs_value: float | None = Field(default=None, gt=0)
+    max_summands: int | None = Field(default=None, gt=0)
+    key_id: str | None = Field(default=None, max_length=64)
 
     @field_validator("poly_modulus_degree")
     @classmethod
@@ -75,12 +164,56 @@ class CkksParameters(_Frozen):
         return value
 
 
-class SecurityMeasures(_Frozen):
-    """Technical and organisational measures (Art. 30(1)(g), Art. 32)."""
+class SecAggParameters(_Frozen):
+    """Flower SecAgg+ parameters of the masked aggregation (Bell et al. 2020)."""
 
+    num_shares: int = Field(gt=0)
+    reconstruction_threshold: int = Field(gt=0)
+    clipping_range: float = Field(gt=0)
+    quantization_range: int = Field(gt=0)
+    modulus_range: int = Field(gt=0)
+    max_weight: float | None = Field(default=None, gt=0)
+
+
+class ConsentGate(_Frozen):
+    """The consent gate a run applied before training: its purpose and what it checks."""
+
+    purpose: Purpose
+    description: str = Field(min_length=1, max_length=1000)
+
+
+Aggregation = Literal["plaintext", "ckks", "secagg+"]
+"""How model updates reached the server."""
+
+
+class SecurityMeasures(_Frozen):
+    """Technical and organisational measures (Art. 30(1)(g), Art. 32).
+
+    ``measures`` lists what is in force; ``not_in_force`` says plainly what is absent (no DP,
+    plaintext updates, no consent gate), so an absence is never read as a claim.
+    ``aggregation`` is ``None`` where no configuration records it.
+    """
+
+    aggregation: Aggregation | None = None
     dp_targets: tuple[DpTarget, ...] = ()
     ckks: CkksParameters | None = None
+    secagg: SecAggParameters | None = None
+    consent_gate: ConsentGate | None = None
     measures: tuple[str, ...] = ()
+    not_in_force: tuple[str, ...] = ()
+
+
+class RopaSource(_Frozen):
+    """Where the records come from: a run's configuration, a configuration file, or nothing.
+
+    ``config_sha256`` is the SHA-256 of the run's ``config.toml``, so a reader can check which
+    configuration the records describe.
+    """
+
+    kind: Literal["run", "configured", "none"]
+    detail: str = Field(min_length=1, max_length=1000)
+    run_id: str | None = Field(default=None, max_length=200)
+    config_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 class RopaConfig(_Frozen):
@@ -90,6 +223,9 @@ class RopaConfig(_Frozen):
     activities: tuple[ProcessingActivity, ...] = Field(min_length=1)
     branches: tuple[str, ...] = ()
     security: SecurityMeasures = SecurityMeasures()
+    source: RopaSource = RopaSource(
+        kind="configured", detail="a RopaConfig given as configuration (not read from a run)"
+    )
 
     @model_validator(mode="after")
     def _unique_purposes(self) -> RopaConfig:
@@ -99,71 +235,65 @@ class RopaConfig(_Frozen):
         return self
 
 
+PLACEHOLDER_CONTROLLER = Controller(
+    name="fedcrm operator (configure FEDCRM_COMPLIANCE_ROPA_FILE)",
+    contact="privacy@example.invalid",
+    dpo_contact="dpo@example.invalid",
+)
+"""The example controller; ``environment = "production"`` refuses it."""
+
+NO_RUN_LOADED = (
+    "no run configuration loaded: these records describe no real run and record no security "
+    "measure as in force; generate them from a run with `fedcrm compliance serve --run RUN_DIR` "
+    "(or FEDCRM_COMPLIANCE_RUN_DIR)"
+)
+
+
 def default_ropa() -> RopaConfig:
-    """Return the description of fedcrm's own processing (used when none is configured)."""
-    crm = ("customer account data", "service usage", "billing history", "churn label")
+    """Return the records used when no run and no configuration is given.
+
+    They keep the controller and the three purposes fedcrm can process for, so the service
+    answers, but they claim nothing: no DP target, no encryption, no measure in force.
+    """
+    unknown = "not known: no run configuration loaded"
+
+    def activity(
+        purpose: Purpose, description: str, categories: tuple[str, ...]
+    ) -> ProcessingActivity:
+        return ProcessingActivity(
+            purpose=purpose,
+            description=description,
+            legal_basis=None,
+            data_subjects=("customers",),
+            data_categories=categories,
+            recipients=(f"federation server (model updates; their protection is {unknown})",),
+            third_country_transfers=NOT_RECORDED,
+            retention=NOT_RECORDED,
+            notes=(NO_RUN_LOADED,),
+        )
+
     return RopaConfig(
-        controller=Controller(
-            name="fedcrm operator (configure FEDCRM_COMPLIANCE_ROPA_FILE)",
-            contact="privacy@example.invalid",
-            dpo_contact="dpo@example.invalid",
-        ),
+        controller=PLACEHOLDER_CONTROLLER,
         activities=(
-            ProcessingActivity(
-                purpose=Purpose.CHURN_MODEL_TRAINING,
-                description="Federated training of a churn model; data never leaves branches.",
-                legal_basis=LegalBasis.CONSENT,
-                data_subjects=("customers",),
-                data_categories=crm,
-                recipients=("federation server (encrypted, noised model updates only)",),
-                retention="model updates: not stored; models: until superseded, at most 2 years",
+            activity(
+                Purpose.CHURN_MODEL_TRAINING,
+                "Federated training of a churn model (no run configuration loaded).",
+                ("customer attributes of a churn schema", "churn label"),
             ),
-            ProcessingActivity(
-                purpose=Purpose.RECOMMENDATION_TRAINING,
-                description="Federated training of a recommender on purchase interactions.",
-                legal_basis=LegalBasis.CONSENT,
-                data_subjects=("customers",),
-                data_categories=("product interactions", "ratings"),
-                recipients=("federation server (encrypted, noised model updates only)",),
-                retention="models: until superseded, at most 2 years",
+            activity(
+                Purpose.RECOMMENDATION_TRAINING,
+                "Federated training of a recommender (no run configuration loaded).",
+                ("product interactions",),
             ),
-            ProcessingActivity(
-                purpose=Purpose.MARKETING_PROFILING,
-                description="Scoring customers for direct marketing with the trained models.",
-                legal_basis=LegalBasis.CONSENT,
-                data_subjects=("customers",),
-                data_categories=("model scores",),
-                recipients=("branch marketing team",),
-                retention="scores: 90 days",
+            activity(
+                Purpose.MARKETING_PROFILING,
+                "Scoring customers for direct marketing with trained models (no run "
+                "configuration loaded).",
+                ("model scores",),
             ),
         ),
-        security=SecurityMeasures(
-            dp_targets=(
-                DpTarget(
-                    model="churn", purpose=Purpose.CHURN_MODEL_TRAINING, epsilon=8.0, delta=1e-5
-                ),
-                DpTarget(
-                    model="recommender",
-                    purpose=Purpose.RECOMMENDATION_TRAINING,
-                    epsilon=8.0,
-                    delta=1e-5,
-                ),
-            ),
-            ckks=CkksParameters(
-                poly_modulus_degree=8192,
-                coeff_mod_bit_sizes=(60, 40, 40, 60),
-                global_scale_bits=40,
-            ),
-            measures=(
-                "federated learning: raw customer data stays at each branch",
-                "DP-SGD (Opacus) with per-branch privacy accountant and ledger",
-                "CKKS homomorphic encryption of model updates (public context on the server)",
-                "pseudonymous customer ids; consent gate before every round",
-                "tamper-evident audit log (RFC 9162 Merkle tree, Ed25519 checkpoints)",
-                "crypto-shredding of per-customer audit keys on erasure",
-                "API keys stored hashed (SHA-256), role-based access",
-            ),
-        ),
+        security=SecurityMeasures(not_in_force=(NO_RUN_LOADED,)),
+        source=RopaSource(kind="none", detail=NO_RUN_LOADED),
     )
 
 
@@ -173,8 +303,12 @@ class Settings(BaseSettings):
     Args:
         database_url: The compliance store (``sqlite:///FILE`` or ``postgresql+psycopg://``).
         environment: ``production`` refuses the example controller of the built-in records.
-        ropa_file: JSON file holding a :class:`RopaConfig`.
-        ropa: The configuration itself (wins over ``ropa_file``).
+        ropa_file: JSON file holding a :class:`RopaConfig`; with ``run_dir``, only its
+            controller is used.
+        run_dir: A run directory whose ``config.toml`` and ``summary.json`` the records are
+            generated from (:func:`~fedcrm.compliance.core.ropa_from_run.ropa_from_run`); its
+            ``compliance.db``, if any, is the store unless ``database_url`` is given.
+        ropa: The configuration itself (wins over ``run_dir`` and ``ropa_file``).
         docs: Serve the OpenAPI docs (``/docs``, ``/openapi.json``).
         max_upload_bytes: Largest consent CSV accepted by the import endpoint.
     """
@@ -184,6 +318,7 @@ class Settings(BaseSettings):
     database_url: str = Field(default_factory=lambda: sqlite_url("compliance.db"))
     environment: Literal["development", "production"] = "development"
     ropa_file: Path | None = None
+    run_dir: Path | None = None
     ropa: RopaConfig = Field(default_factory=default_ropa)
     docs: bool = True
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
@@ -197,13 +332,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _load_ropa_file(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("ropa_file") and data.get("ropa") is None:
+    def _load_ropa(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("ropa") is not None:
+            return data
+        configured = None
+        if data.get("ropa_file"):
             path = Path(data["ropa_file"])
             try:
-                data = {**data, "ropa": json.loads(path.read_text(encoding="utf-8"))}
+                configured = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cannot read the RoPA file {path}: {exc}") from exc
+        if data.get("run_dir"):
+            return {**data, **_from_run(Path(data["run_dir"]), configured, data)}
+        if configured is not None:
+            data = {**data, "ropa": configured}
         return data
 
     @model_validator(mode="after")
@@ -214,6 +356,26 @@ class Settings(BaseSettings):
                 "(FEDCRM_COMPLIANCE_ROPA_FILE); the built-in one is a placeholder"
             )
         return self
+
+
+def _from_run(run_dir: Path, configured: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """The records of a run (the controller from ``configured``), and its store if it has one."""
+    from fedcrm.compliance.core.ropa_from_run import (
+        COMPLIANCE_DB,
+        RunConfigurationError,
+        ropa_from_run,
+    )
+
+    controller = None
+    if isinstance(configured, dict) and "controller" in configured:
+        controller = Controller.model_validate(configured["controller"])
+    try:
+        out: dict[str, Any] = {"ropa": ropa_from_run(run_dir, controller=controller)}
+    except RunConfigurationError as exc:
+        raise ValueError(f"cannot build the RoPA from the run {run_dir}: {exc}") from exc
+    if not data.get("database_url") and (run_dir / COMPLIANCE_DB).is_file():
+        out["database_url"] = sqlite_url(run_dir / COMPLIANCE_DB)
+    return out
 
 
 @lru_cache(maxsize=1)

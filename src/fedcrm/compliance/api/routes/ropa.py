@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from fedcrm.compliance._types import utcnow
 from fedcrm.compliance.api.deps import OFFICER_ERRORS, CurrentOfficer, RegistryDep, SettingsDep
-from fedcrm.compliance.schemas import RopaPublic, RopaRecordPublic
+from fedcrm.compliance.schemas import RopaPublic
 
 router = APIRouter(prefix="/ropa", tags=["records of processing"])
 
@@ -17,17 +17,10 @@ def records_of_processing(
 ) -> RopaPublic:
     """Return the Art. 30(1) records: one per purpose, with branches and security measures.
 
-    Branches are those configured plus every branch with consent records in the store.
+    Branches are those configured plus every branch with consent records in the store. The
+    records come from the run configuration the service was started with (``--run``); without
+    one, they say that no run configuration was loaded and list no measure as in force.
     """
     config = settings.ropa
     branches = sorted(set(config.branches) | set(registry.branches()))
-    return RopaPublic(
-        generated_at=utcnow(),
-        controller=config.controller,
-        branches=branches,
-        records=[
-            RopaRecordPublic.from_config(activity, branches, config.security)
-            for activity in config.activities
-        ],
-        security=config.security,
-    )
+    return RopaPublic.from_config(config, branches, utcnow())
