@@ -273,7 +273,7 @@ class BudgetGuard:
                 budget,
                 event,
                 epsilon=report.epsilon_round,
-                cumulative=max(total, report.epsilon),
+                cumulative=total,  # a refusal spends nothing: the ledger's total stands
                 reason=report.reason,
                 spend_id=None,
                 decision=Decision.REFUSED,

@@ -195,7 +195,7 @@ def test_a_restarted_coordinator_resumes_with_a_round_offset(
     cfg = FederationConfig(**{**federation.federation.__dict__, "num_rounds": 3})
     checkpoints = RoundCheckpoints(tmp_path / "rounds", "r1")
 
-    def run() -> Any:
+    def run(on_round: Any = None) -> Any:
         return run_federation(
             federation.grid,
             cfg,
@@ -205,6 +205,7 @@ def test_a_restarted_coordinator_resumes_with_a_round_offset(
             ledger=ledger,
             run_id="r1",
             checkpoints=checkpoints,
+            on_round=on_round,
         )
 
     def in_round_two(record: Any) -> None:
@@ -212,17 +213,7 @@ def test_a_restarted_coordinator_resumes_with_a_round_offset(
             CRASHES[point](federation, patch)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(Crash):
-        run_federation(
-            federation.grid,
-            cfg,
-            federation.settings,
-            min_nodes=3,
-            dp=dp,
-            ledger=ledger,
-            run_id="r1",
-            checkpoints=checkpoints,
-            on_round=in_round_two,
-        )
+        run(in_round_two)
     saved = checkpoints.load()
     assert saved is not None and saved.last_round == 1
     before = {t.branch: t.cumulative_epsilon for t in ledger.totals()}

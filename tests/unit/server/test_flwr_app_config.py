@@ -10,6 +10,7 @@ from fedcrm.privacy import DPSGD_RUN_CONFIG_KEYS as DP_KEYS
 from fedcrm.privacy import CentralDPConfig, CentralDPMode, DPSGDConfig
 from fedcrm.privacy.dp._central_config import RUN_KEYS as CENTRAL_DP_KEYS
 from fedcrm.server import AggregationConfig, ComplianceConfig, FederationConfig
+from fedcrm.server.app import CHECKPOINT_DIR_KEY, RUN_NAME_KEY
 from fedcrm.server.run_audit import RUN_CONFIG_AUDIT_URL, RUN_CONFIG_PURPOSE
 from fedcrm.server.wiring import KEY_HE_CHECKPOINT_DIR, KEY_HE_PUBLIC_CONTEXT
 from fedcrm.settings import keys
@@ -31,6 +32,7 @@ def declared() -> dict[str, Any]:
 def test_every_declared_key_is_read_by_someone(declared: dict[str, Any]) -> None:
     readers = keys(FederationConfig) | set(DP_KEYS) | set(CENTRAL_DP_KEYS) | set(SECAGG_KEYS)
     readers |= {RUN_CONFIG_PURPOSE, RUN_CONFIG_AUDIT_URL, "out-dir", KEY_AGGREGATION_MODE}
+    readers |= {CHECKPOINT_DIR_KEY, RUN_NAME_KEY}
     readers |= {KEY_HE_PUBLIC_CONTEXT, KEY_HE_CHECKPOINT_DIR}
     for task in TASKS.values():
         readers |= keys(task.settings_type)
